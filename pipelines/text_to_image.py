@@ -1,0 +1,55 @@
+"""Text-to-image: a prompt (and negative prompt) to images, one CPU-seeded generator per image."""
+
+from __future__ import annotations
+
+from studio.requests import StudioInputError, TextToImageRequest
+
+from .common import (
+    TaskContext,
+    cpu_generators,
+    decode_latents,
+    default_size,
+    to_pil,
+    warn_if_truncated,
+    with_scheduler,
+)
+
+
+def check_inputs(request: TextToImageRequest, context: TaskContext) -> None:
+    """Checks the schema cannot express; runs before any model is loaded."""
+    if not request.prompt.strip() and request.guidance_scale > 1 and not request.negative_prompt.strip():
+        # Legal (unconditional sampling), but almost always a mistake in a UI or batch line.
+        context.warnings.append("the prompt is empty: the image is unconditioned")
+    if request.task != "text_to_image":
+        raise StudioInputError(f"text_to_image cannot run a {request.task!r} request")
+
+
+def run(request: TextToImageRequest, context: TaskContext, seeds: list[int]) -> list:
+    """Render `len(seeds)` images for the request; returns PIL images in seed order."""
+    # 1. load the model (cached) and pick the sampler
+    loaded = context.models.get(request.model)
+    pipe = with_scheduler(context, loaded, loaded.pipe, request.scheduler)
+    width, height = default_size(pipe, request)
+
+    # 2. check the prompts against the tokenizer limit
+    warn_if_truncated(pipe, request.prompt, context)
+    warn_if_truncated(pipe, request.negative_prompt, context, "negative_prompt")
+
+    # 3. sample latents, reporting each step and stopping after a cancel
+    context.progress.raise_if_cancelled()
+    output = pipe(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt or None,
+        width=width,
+        height=height,
+        num_inference_steps=request.num_inference_steps,
+        guidance_scale=request.guidance_scale,
+        num_images_per_prompt=len(seeds),
+        generator=cpu_generators(seeds),
+        output_type="latent",
+        callback_on_step_end=context.progress.diffusers_callback("sampling", request.num_inference_steps),
+    )
+    context.progress.raise_if_cancelled()
+
+    # 4. decode, refusing non-finite pixels
+    return to_pil(decode_latents(pipe, output.images))

@@ -1,0 +1,193 @@
+"""`Studio`: the Python API. One method per task, plus `run(request)` that every entry point uses.
+
+    from studio import Studio
+    studio = Studio()
+    result = studio.text_to_image("a large red circle on the left", seed=1)
+    result.save("circle.png")
+"""
+
+from __future__ import annotations
+
+import importlib
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .images import image_sha256, open_image
+from .metadata import ImageRecord, environment_fingerprint, png_bytes, read_record
+from .models import ModelManager
+from .outputs import atomic_write_bytes
+from .progress import Progress
+from .requests import (
+    MAX_SEED,
+    REQUEST_TYPES,
+    BaseRequest,
+    StudioInputError,
+    describe_validation_error,
+    seeds_for,
+)
+from .schedulers import a1111_sampler_name
+from .settings import Settings
+
+TASK_MODULES = {task: f"pipelines.{task}" for task in REQUEST_TYPES}
+
+
+@dataclass
+class Result:
+    """Images made from one request, each with the record its PNG will carry."""
+
+    request: BaseRequest
+    images: list  # PIL images, in seed order
+    records: list[ImageRecord]
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0  # wall time of the render, model loading included
+
+    @property
+    def seeds(self) -> list[int]:
+        return [record.seed for record in self.records]
+
+    def png(self, index: int = 0) -> bytes:
+        """Image `index` as PNG bytes with its metadata."""
+        return png_bytes(self.images[index], self.records[index])
+
+    def save(self, target: str | Path) -> list[Path]:
+        """Write every image atomically. `target` may hold {index} and {seed}; without them, several
+        images are numbered `name-1.png`, `name-2.png`, ..."""
+        target = str(target)
+        paths = []
+        for index, record in enumerate(self.records):
+            if "{index}" in target or "{seed}" in target:
+                name = target.replace("{index}", str(index + 1)).replace("{seed}", str(record.seed))
+            elif len(self.records) > 1:
+                stem, suffix = Path(target).stem, Path(target).suffix or ".png"
+                name = str(Path(target).with_name(f"{stem}-{index + 1}{suffix}"))
+            else:
+                name = target
+            path = Path(name)
+            atomic_write_bytes(path, self.png(index))
+            paths.append(path)
+        return paths
+
+
+class Studio:
+    """The studio's services (settings, model cache) and one method per task."""
+
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings or Settings()
+        self.models = ModelManager(self.settings)
+
+    # -- the one entry point ------------------------------------------------------------------
+
+    def run(self, request: BaseRequest, progress: Progress | None = None) -> Result:
+        """Validate, load inputs, render, and return images with their metadata records."""
+        from pipelines.common import TaskContext
+
+        started = time.perf_counter()
+        context = TaskContext(settings=self.settings, models=self.models, progress=progress or Progress())
+
+        # 1. check inputs: the task's own checks and every input image, before any model is loaded
+        task = task_module(request.task)
+        context.images, input_hashes = self.load_inputs(request)
+        task.check_inputs(request, context)
+
+        # 2. seeds: one per image, recorded so that the PNG replays exactly
+        seeds = seeds_for(request, random_seed=secrets.randbelow(2**32))
+        recorded = request.model_copy(update={"seed": seeds if len(seeds) > 1 else seeds[0]})
+
+        # 3. render
+        images = task.run(request, context, seeds)
+
+        # 4. describe each image for its PNG
+        loaded = self.models.get(request.model)
+        environment = environment_fingerprint(str(loaded.device), str(loaded.dtype).removeprefix("torch."))
+        sampler = a1111_sampler_name(request.scheduler, loaded.pipe.scheduler)
+        records = [
+            ImageRecord(
+                request=recorded,
+                image_index=index,
+                seed=seed,
+                input_hashes=input_hashes,
+                model_name=loaded.ref.name,
+                model_hash=loaded.model_hash,
+                sampler=sampler,
+                environment=environment,
+            )
+            for index, seed in enumerate(seeds)
+        ]
+        return Result(recorded, images, records, context.warnings, time.perf_counter() - started)
+
+    def load_inputs(self, request: BaseRequest) -> tuple[dict, dict]:
+        """Open every input image of the request (paths or PIL images) and hash it."""
+        images, hashes = {}, {}
+        for name, source in request.image_fields().items():
+            image = open_image(source, max_pixels=self.settings.max_image_pixels, name=name, keep_alpha=True)
+            images[name] = image
+            hashes[name] = image_sha256(image)
+        return images, hashes
+
+    # -- one method per task --------------------------------------------------------------------
+
+    def text_to_image(self, prompt: str, progress: Progress | None = None, **fields) -> Result:
+        return self.run(make_request("text_to_image", prompt=prompt, **fields), progress)
+
+    def sketch_to_image(self, prompt: str, control_image, progress: Progress | None = None, **fields) -> Result:
+        return self.run(make_request("sketch_to_image", prompt=prompt, control_image=control_image, **fields), progress)
+
+    def inpaint(self, prompt: str, image, mask_image=None, progress: Progress | None = None, **fields) -> Result:
+        return self.run(
+            make_request("inpaint", prompt=prompt, image=image, mask_image=mask_image, **fields), progress
+        )
+
+    def style_transfer(self, prompt: str, image, progress: Progress | None = None, **fields) -> Result:
+        return self.run(make_request("style_transfer", prompt=prompt, image=image, **fields), progress)
+
+    def imagic(self, prompt: str, image, progress: Progress | None = None, **fields) -> Result:
+        return self.run(make_request("imagic", prompt=prompt, image=image, **fields), progress)
+
+    # -- replay -----------------------------------------------------------------------------------
+
+    def replay(self, png_path: str | Path, inputs: dict | None = None, progress: Progress | None = None) -> Result:
+        """Re-render the image a studio PNG records; input images must hash as they did then."""
+        record = read_record(Path(png_path))
+        request = record.request
+        if inputs:
+            request = request.model_copy(update=inputs)
+        missing = [name for name in record.input_hashes if getattr(request, name, None) is None]
+        if missing:
+            raise StudioInputError(f"replaying {str(png_path)!r} needs the input image(s) {', '.join(missing)}")
+        _, hashes = self.load_inputs(request)
+        for name, expected in record.input_hashes.items():
+            if hashes.get(name) != expected:
+                raise StudioInputError(
+                    f"input {name} {str(getattr(request, name))!r} differs from the one used "
+                    f"(SHA-256 {hashes.get(name, '')[:12]}… instead of {expected[:12]}…)"
+                )
+        result = self.run(request, progress)
+        index = record.image_index
+        return Result(result.request, [result.images[index]], [result.records[index]], result.warnings, result.seconds)
+
+
+def task_module(task: str):
+    """The pipelines/ module of a task."""
+    try:
+        return importlib.import_module(TASK_MODULES[task])
+    except KeyError:
+        raise StudioInputError(f"unknown task {task!r}") from None
+    except ModuleNotFoundError as error:
+        if error.name == TASK_MODULES[task]:
+            raise StudioInputError(f"the task {task!r} is not available in this version of the studio") from None
+        raise
+
+
+def make_request(task: str, **fields) -> BaseRequest:
+    """A validated request from keyword arguments; errors quote the bad values."""
+    from pydantic import ValidationError
+
+    try:
+        return REQUEST_TYPES[task](**fields)
+    except ValidationError as error:
+        raise StudioInputError(describe_validation_error(error)) from None
+
+
+__all__ = ["Studio", "Result", "make_request", "MAX_SEED"]

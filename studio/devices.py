@@ -1,0 +1,83 @@
+"""Device and dtype choice, attention backend and memory savers.
+
+Called when a model is loaded, never at import time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    """CUDA > MPS > CPU for "auto"; otherwise the named device, checked to exist."""
+    if preference == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(preference)
+    except RuntimeError:
+        raise ValueError(f"unknown device {preference!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {preference!r} was asked for but CUDA is not available here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {preference!r} was asked for but MPS is not available here")
+    return device
+
+
+def pick_dtype(device: torch.device, preference: str = "auto") -> torch.dtype:
+    """fp16 on CUDA/MPS (bf16 on CUDA that supports it well), fp32 on CPU, unless told otherwise."""
+    if preference != "auto":
+        if preference not in DTYPES:
+            raise ValueError(f"unknown dtype {preference!r}; use auto, {', '.join(DTYPES)}")
+        return DTYPES[preference]
+    if device.type == "cuda":
+        # fp16 is what SD checkpoints are published in; the VAE decode is retried in fp32 on overflow.
+        return torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def xformers_available() -> bool:
+    return importlib.util.find_spec("xformers") is not None
+
+
+def apply_memory_options(pipe, device: torch.device, settings: Settings) -> None:
+    """Move the pipeline to its device (or set up offload) and apply attention and memory options."""
+    if settings.attention not in ("auto", "sdpa", "xformers"):
+        raise ValueError(f"unknown attention backend {settings.attention!r}; use auto, sdpa or xformers")
+    if settings.offload not in ("none", "model", "sequential"):
+        raise ValueError(f"unknown offload mode {settings.offload!r}; use none, model or sequential")
+
+    use_xformers = device.type == "cuda" and (
+        settings.attention == "xformers" or (settings.attention == "auto" and xformers_available())
+    )
+    if settings.attention == "xformers" and not use_xformers:
+        raise ValueError("attention 'xformers' needs CUDA and the xformers package (pip install 'studio[cuda]')")
+    if use_xformers:
+        pipe.enable_xformers_memory_efficient_attention()
+    # Otherwise diffusers' default processors use torch's scaled_dot_product_attention (SDPA).
+
+    if settings.attention_slicing:
+        pipe.enable_attention_slicing()
+    if settings.vae_tiling and hasattr(pipe, "vae"):
+        pipe.vae.enable_tiling()
+
+    if settings.offload == "model" and device.type != "cpu":
+        pipe.enable_model_cpu_offload(device=device)
+    elif settings.offload == "sequential" and device.type != "cpu":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        pipe.to(device)

@@ -1,0 +1,274 @@
+"""Model references, the loading rules, and the cache of loaded pipelines.
+
+A model reference is one of:
+  - "embedded": the studio's own model in assets/ (the default),
+  - a local diffusers folder (with model_index.json),
+  - a Hugging Face hub id that is already in the local cache (never downloaded),
+  - a single-file SD1.x/SD2.x/SDXL checkpoint (.safetensors; pickles only with an explicit opt-in).
+
+Loading never runs remote code and never downloads. Task pipelines are derived
+from the loaded base with `from_pipe`, so every task shares one set of weights.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .devices import apply_memory_options, pick_device, pick_dtype
+from .requests import StudioInputError
+from .settings import EMBEDDED_MODEL_DIR, Settings
+
+log = logging.getLogger(__name__)
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Component libraries a model folder may name; anything else would import code shipped with the model.
+TRUSTED_LIBRARIES = {"diffusers", "transformers", None}
+SINGLE_FILE_SUFFIXES = {".safetensors", ".ckpt", ".pt", ".pth", ".bin"}
+
+
+class ModelError(StudioInputError):
+    """A model reference that cannot be used; the message names it and says why."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    kind: str  # "embedded", "folder", "hub" or "single_file"
+    location: str  # folder or file path, or the hub id
+    name: str  # what metadata shows as "Model:"
+
+
+@dataclass
+class LoadedModel:
+    ref: ModelRef
+    pipe: object  # the base diffusers pipeline (text-to-image)
+    device: torch.device
+    dtype: torch.dtype
+    model_hash: str  # 10 hex digits, A1111 style
+    derived: dict = field(default_factory=dict)  # pipeline class name -> pipeline sharing the base's weights
+
+    @property
+    def is_sdxl(self) -> bool:
+        return "XL" in type(self.pipe).__name__
+
+
+def resolve_model_ref(reference: str | None, settings: Settings) -> ModelRef:
+    """Decide what a model reference points at, without loading anything."""
+    reference = (reference or settings.model or "embedded").strip()
+    if reference == "embedded":
+        if not (EMBEDDED_MODEL_DIR / "model_index.json").is_file():
+            raise ModelError(f"the embedded model is missing from {str(EMBEDDED_MODEL_DIR)!r}; reinstall the studio")
+        return ModelRef("embedded", str(EMBEDDED_MODEL_DIR), "embedded")
+    path = Path(reference).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelError(f"model folder {reference!r} has no model_index.json (not a diffusers pipeline folder)")
+        return ModelRef("folder", str(path.resolve()), path.resolve().name)
+    if path.is_file():
+        return ModelRef("single_file", str(path.resolve()), path.stem)
+    if path.suffix.lower() in SINGLE_FILE_SUFFIXES or "/" not in reference or reference.startswith((".", "/", "~")):
+        raise ModelError(f"model {reference!r} not found: no such file or folder")
+    if HUB_ID.match(reference):
+        return ModelRef("hub", reference, reference)
+    raise ModelError(f"model {reference!r} is neither a local folder, a checkpoint file nor a hub id")
+
+
+def hub_snapshot_folder(repo_id: str) -> Path:
+    """The cached snapshot of a hub model; a clear error (no network, no wait) when it is not cached."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(repo_id, "model_index.json")
+    except Exception as error:  # invalid ids and the like
+        raise ModelError(f"hub model {repo_id!r} cannot be looked up in the local cache: {error}") from None
+    if not isinstance(cached, str):
+        raise ModelError(
+            f"hub model {repo_id!r} is not in the local Hugging Face cache, and the studio never downloads; "
+            "download it once elsewhere (huggingface-cli download) or pass a local folder or .safetensors file"
+        )
+    return Path(cached).parent
+
+
+def check_model_folder(folder: Path, reference: str, allow_pickle: bool) -> dict:
+    """Refuse folders that would run code shipped with the model, or that hold only pickle weights."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ModelError(f"model {reference!r} has an unreadable model_index.json: {error}") from None
+    import diffusers
+
+    class_name = index.get("_class_name", "")
+    if not hasattr(diffusers, class_name):
+        raise ModelError(f"model {reference!r} needs the custom pipeline {class_name!r} (remote code), which is refused")
+    for component, spec in index.items():
+        if component.startswith("_") or not isinstance(spec, list) or len(spec) != 2:
+            continue
+        library, _ = spec
+        if library not in TRUSTED_LIBRARIES:
+            raise ModelError(
+                f"model {reference!r} component {component!r} comes from {library!r} (remote code), which is refused"
+            )
+    has_safetensors = any(folder.glob("*/*.safetensors"))
+    has_pickles = any(folder.glob("*/*.bin")) or any(folder.glob("*/*.ckpt")) or any(folder.glob("*/*.pt"))
+    if has_pickles and not has_safetensors and not allow_pickle:
+        raise ModelError(
+            f"model {reference!r} has only pickle (.bin) weights, which can run code when loaded; "
+            "convert them to .safetensors, or opt in with --allow-pickle (loaded with weights_only)"
+        )
+    return index
+
+
+def check_checkpoint_file(ref: ModelRef, allow_pickle: bool) -> None:
+    """Refuse pickle checkpoints (judged by content, not by name) unless the user opted in."""
+    from .single_file import detect_file_format
+
+    file_format = detect_file_format(ref.location)
+    if file_format == "pickle" and not allow_pickle:
+        raise ModelError(
+            f"checkpoint {ref.location!r} is a pickle, which can run code when loaded; "
+            "use a .safetensors file, or opt in with --allow-pickle (loaded with weights_only)"
+        )
+    if file_format == "unknown":
+        raise ModelError(f"checkpoint {ref.location!r} is neither safetensors nor a torch checkpoint")
+
+
+def weights_hash(ref: ModelRef) -> str:
+    """A1111-style short model hash: SHA-256 of the checkpoint file, or of a folder's weight files."""
+    digest = hashlib.sha256()
+    if ref.kind == "single_file":
+        files = [Path(ref.location)]
+    else:
+        folder = Path(ref.location) if ref.kind != "hub" else hub_snapshot_folder(ref.location)
+        files = sorted(p for p in folder.glob("*/*") if p.suffix in (".safetensors", ".bin"))
+    if len(files) == 1:  # one file: the hash A1111 shows for it
+        return _file_sha256(files[0])[:10]
+    for path in files:
+        digest.update(path.parent.name.encode() + b"/" + path.name.encode() + _file_sha256(path).encode())
+    return digest.hexdigest()[:10]
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_base_pipeline(ref: ModelRef, settings: Settings, dtype: torch.dtype):
+    """Load the text-to-image pipeline a reference points at, offline, safetensors only unless opted in."""
+    from diffusers import DiffusionPipeline
+
+    if ref.kind == "single_file":
+        from .single_file import load_single_file_pipeline
+
+        try:
+            return load_single_file_pipeline(ref.location, dtype=dtype, allow_pickle=settings.allow_pickle)
+        except StudioInputError:
+            raise
+        except ValueError as error:
+            raise ModelError(str(error)) from None
+
+    folder = Path(ref.location) if ref.kind != "hub" else hub_snapshot_folder(ref.location)
+    index = check_model_folder(folder, ref.name, settings.allow_pickle)
+    extra = {}
+    if "safety_checker" in index:
+        extra.update(safety_checker=None, requires_safety_checker=False)
+    return DiffusionPipeline.from_pretrained(
+        folder,
+        dtype=dtype,
+        local_files_only=True,
+        use_safetensors=not settings.allow_pickle,
+        **extra,
+    )
+
+
+class ModelManager:
+    """Keeps loaded pipelines; derives task pipelines from them; frees the oldest when over the limit."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._loaded: OrderedDict[ModelRef, LoadedModel] = OrderedDict()
+
+    def get(self, reference: str | None) -> LoadedModel:
+        ref = resolve_model_ref(reference, self.settings)
+        if ref in self._loaded:
+            self._loaded.move_to_end(ref)
+            return self._loaded[ref]
+        if ref.kind == "single_file":
+            check_checkpoint_file(ref, self.settings.allow_pickle)  # before evicting anything or touching torch
+        elif ref.kind == "hub":
+            hub_snapshot_folder(ref.location)
+        self._evict(keep=self.settings.max_cached_models - 1)
+        device = pick_device(self.settings.device)
+        dtype = pick_dtype(device, self.settings.dtype)
+        log.info("loading model %s (%s) on %s as %s", ref.name, ref.kind, device, dtype)
+        pipe = load_base_pipeline(ref, self.settings, dtype)
+        pipe.set_progress_bar_config(disable=True)
+        apply_memory_options(pipe, device, self.settings)
+        loaded = LoadedModel(ref, pipe, device, dtype, weights_hash(ref))
+        self._loaded[ref] = loaded
+        return loaded
+
+    def derive(self, loaded: LoadedModel, pipeline_class, **components):
+        """A pipeline of another class sharing the loaded weights (cached when no components are swapped)."""
+        if not components and pipeline_class.__name__ in loaded.derived:
+            return loaded.derived[pipeline_class.__name__]
+        if type(loaded.pipe) is pipeline_class and not components:
+            return loaded.pipe
+        # from_pipe casts to dtype (float32 by default): pass the loaded dtype so shared weights stay as they are.
+        pipe = pipeline_class.from_pipe(loaded.pipe, dtype=loaded.dtype, **components)
+        pipe.set_progress_bar_config(disable=True)
+        if not components:
+            loaded.derived[pipeline_class.__name__] = pipe
+        return pipe
+
+    def loaded_models(self) -> list[ModelRef]:
+        return list(self._loaded)
+
+    def _evict(self, keep: int) -> None:
+        while len(self._loaded) > max(keep, 0):
+            ref, loaded = self._loaded.popitem(last=False)
+            log.info("freeing model %s", ref.name)
+            loaded.derived.clear()
+            del loaded
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def clear(self) -> None:
+        self._evict(keep=0)
+
+
+def list_local_models(settings: Settings) -> list[dict]:
+    """What `studio models` shows: the embedded model, folders and checkpoints in models_dirs, cached hub models."""
+    found = []
+    if (EMBEDDED_MODEL_DIR / "model_index.json").is_file():
+        found.append({"reference": "embedded", "kind": "embedded", "location": str(EMBEDDED_MODEL_DIR)})
+    for root in settings.models_dirs:
+        root = Path(root).expanduser()
+        if not root.is_dir():
+            continue
+        for entry in sorted(root.iterdir()):
+            if entry.is_dir() and (entry / "model_index.json").is_file():
+                found.append({"reference": str(entry), "kind": "folder", "location": str(entry)})
+            elif entry.is_file() and entry.suffix.lower() in SINGLE_FILE_SUFFIXES:
+                kind = "single_file" if entry.suffix.lower() == ".safetensors" else "pickle (needs --allow-pickle)"
+                found.append({"reference": str(entry), "kind": kind, "location": str(entry)})
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        for repo in scan_cache_dir().repos:
+            if repo.repo_type == "model":
+                found.append({"reference": repo.repo_id, "kind": "hub (cached)", "location": str(repo.repo_path)})
+    except Exception:  # no cache folder yet
+        pass
+    return found

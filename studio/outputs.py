@@ -1,0 +1,83 @@
+"""Writing files atomically and keeping user-chosen names inside the output folder."""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from .requests import StudioInputError
+
+TEMP_PREFIX = ".studio-tmp-"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_new(path: Path, data: bytes) -> bool:
+    """Like atomic_write_bytes, but never replaces an existing file; False if one was there."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(temp_name, path)  # fails if the target exists: no finished file is ever rewritten
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        Path(temp_name).unlink(missing_ok=True)
+
+
+def remove_stale_temp_files(folder: Path) -> int:
+    """Delete temp files left by a killed writer; returns how many."""
+    count = 0
+    if Path(folder).is_dir():
+        for temp in Path(folder).glob(TEMP_PREFIX + "*"):
+            temp.unlink(missing_ok=True)
+            count += 1
+    return count
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_output_path(root: Path, name: str, *, suffix: str = ".png") -> Path:
+    """A path inside root for a user-chosen name; refuses names that try to leave root.
+
+    Sub-folders are allowed ("portraits/a.png"); "..", absolute paths, drive letters, backslashes
+    and NUL bytes are refused with the name quoted.
+    """
+    if "\x00" in name:
+        raise StudioInputError(f"output name {name!r} contains a NUL byte")
+    parts = re.split(r"[\\/]+", name)
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or any(p in ("..", ".") for p in parts):
+        raise StudioInputError(f"output name {name!r} would leave the output folder")
+    cleaned = [_UNSAFE.sub("_", part).lstrip(".") for part in parts if part]
+    if not cleaned or not cleaned[-1]:
+        raise StudioInputError(f"output name {name!r} is empty")
+    if not cleaned[-1].lower().endswith(suffix):
+        cleaned[-1] += suffix
+    root = Path(root).resolve()
+    path = root.joinpath(*cleaned).resolve()
+    if root not in path.parents:
+        raise StudioInputError(f"output name {name!r} would leave the output folder")
+    return path

@@ -1,0 +1,71 @@
+"""Progress and cancel, through one small object.
+
+The CLI renders it with tqdm, the UI with gr.Progress, tests ignore it. Cancel is a
+flag the sampling loop checks after every step.
+"""
+
+from __future__ import annotations
+
+import threading
+
+
+class GenerationCancelled(Exception):
+    """Raised when the user cancels; images finished before the cancel are kept."""
+
+
+class Progress:
+    """Receives (stage, step, total) updates; subclass or pass `on_update` to show them."""
+
+    def __init__(self, on_update=None):
+        self._on_update = on_update
+        self._cancel = threading.Event()
+
+    def update(self, stage: str, step: int, total: int, preview=None) -> None:
+        if self._on_update is not None:
+            self._on_update(stage, step, total, preview)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def raise_if_cancelled(self) -> None:
+        if self.cancelled:
+            raise GenerationCancelled("cancelled by the user")
+
+    def diffusers_callback(self, stage: str, total: int):
+        """A `callback_on_step_end` for diffusers pipelines: reports each step, stops after a cancel."""
+
+        def callback(pipe, step_index, timestep, callback_kwargs):
+            self.update(stage, step_index + 1, total)
+            if self.cancelled:
+                pipe._interrupt = True  # diffusers skips the remaining steps
+            return callback_kwargs
+
+        return callback
+
+
+class TqdmProgress(Progress):
+    """A progress bar per stage on stderr (the CLI's)."""
+
+    def __init__(self, disable: bool = False):
+        super().__init__()
+        self._bar = None
+        self._stage = None
+        self._disable = disable
+
+    def update(self, stage: str, step: int, total: int, preview=None) -> None:
+        from tqdm import tqdm
+
+        if stage != self._stage or self._bar is None or step < self._bar.n:
+            self.close()
+            self._bar = tqdm(total=total, desc=stage, leave=False, disable=self._disable, unit="step")
+            self._stage = stage
+        self._bar.update(step - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,236 @@
+"""The one typed request schema every entry point speaks.
+
+The CLI builds these from flags, a batch line is one of them as JSON, the PNG
+metadata stores one, and the UI/API sends one. Validation happens here, before
+any model is loaded, and every error quotes the bad value.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+
+TASKS = ("text_to_image", "sketch_to_image", "inpaint", "style_transfer", "imagic")
+
+# Friendly scheduler names; studio.schedulers maps them onto diffusers classes.
+SCHEDULER_NAMES = (
+    "euler",
+    "euler_a",
+    "heun",
+    "lms",
+    "lms_karras",
+    "dpm++_2m",
+    "dpm++_2m_karras",
+    "dpm++_2m_sde",
+    "dpm++_2m_sde_karras",
+    "dpm++_sde",
+    "dpm++_sde_karras",
+    "dpm2",
+    "dpm2_a",
+    "ddim",
+    "ddpm",
+    "pndm",
+    "unipc",
+    "deis",
+    "lcm",
+    "tcd",
+)
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed accepts [0, 2**64)
+MAX_PROMPT_CHARS = 200_000  # longer prompts are refused; anything past the tokenizer limit is truncated with a warning
+MAX_BATCH_SIZE = 16
+MAX_SIDE = 2048
+
+# An input image: a path (CLI, batch, API) or an in-memory PIL image (Python API).
+ImageInput = Union[str, Path, Any]
+
+
+class StudioInputError(ValueError):
+    """Bad input, found before any model runs; the message names the bad value."""
+
+
+class BaseRequest(BaseModel):
+    """Fields shared by every task."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, arbitrary_types_allowed=True)
+
+    prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="What to draw.")
+    negative_prompt: str = Field("", max_length=MAX_PROMPT_CHARS, description="What to steer away from.")
+    seed: int | list[int] | None = Field(
+        None,
+        description="Seed of the first image (later images use seed+1, seed+2, ...), or one seed per image; "
+        "None picks a random seed and records it.",
+    )
+    width: int | None = Field(
+        None, ge=64, le=MAX_SIDE, multiple_of=8, description="Image width in pixels (multiple of 8); None: the model's."
+    )
+    height: int | None = Field(
+        None, ge=64, le=MAX_SIDE, multiple_of=8, description="Image height in pixels (multiple of 8); None: the model's."
+    )
+    num_inference_steps: int = Field(25, ge=1, le=500, description="Denoising steps.")
+    guidance_scale: float = Field(7.0, ge=0.0, le=50.0, description="Classifier-free guidance scale.")
+    scheduler: str | None = Field(None, description="Sampler by friendly name; None keeps the model's own.")
+    batch_size: int = Field(1, ge=1, le=MAX_BATCH_SIZE, description="Images made from this request.")
+    model: str | None = Field(None, description="Model reference; None uses the studio's default.")
+    output: str | None = Field(
+        None, max_length=255, description="Output file name (batch/CLI); kept inside the output folder."
+    )
+
+    @field_validator("guidance_scale", mode="before")
+    @classmethod
+    def _finite_guidance(cls, value):
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            raise ValueError(f"guidance_scale must be a finite number, got {value!r}")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_range(cls, value):
+        seeds = value if isinstance(value, list) else [value]
+        for seed in seeds:
+            if seed is not None and not 0 <= seed <= MAX_SEED:
+                raise ValueError(f"seed must be between 0 and 2**64-1, got {seed!r}")
+        return value
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value):
+        if value is not None and value not in SCHEDULER_NAMES:
+            raise ValueError(f"unknown scheduler {value!r}; choose one of: {', '.join(SCHEDULER_NAMES)}")
+        return value
+
+    @field_validator("prompt", "negative_prompt")
+    @classmethod
+    def _no_nul(cls, value: str):
+        # Control characters never reach the tokenizer as anything meaningful; NUL breaks PNG text chunks.
+        return value.replace("\x00", "")
+
+    @model_validator(mode="after")
+    def _seeds_match_batch(self):
+        if isinstance(self.seed, list):
+            if len(self.seed) == 0:
+                raise ValueError("seed list is empty")
+            if len(self.seed) != self.batch_size:
+                if self.batch_size != 1:
+                    raise ValueError(
+                        f"seed list has {len(self.seed)} seeds but batch_size is {self.batch_size}"
+                    )
+                # A list of seeds alone sets the batch size.
+                object.__setattr__(self, "batch_size", len(self.seed))
+                if self.batch_size > MAX_BATCH_SIZE:
+                    raise ValueError(f"seed list of {len(self.seed)} seeds exceeds the batch limit {MAX_BATCH_SIZE}")
+        return self
+
+    def image_fields(self) -> dict[str, Any]:
+        """The task's input images that are set, by field name."""
+        return {name: getattr(self, name) for name in IMAGE_FIELDS if getattr(self, name, None) is not None}
+
+
+IMAGE_FIELDS = ("image", "mask_image", "control_image", "reference_image")
+
+
+class TextToImageRequest(BaseRequest):
+    task: Literal["text_to_image"] = "text_to_image"
+
+
+class SketchToImageRequest(BaseRequest):
+    task: Literal["sketch_to_image"] = "sketch_to_image"
+    control_image: ImageInput = Field(..., description="The sketch that guides the layout.")
+    method: Literal["auto", "controlnet", "t2i_adapter", "sdedit"] = Field(
+        "auto", description="How the sketch conditions the model; auto picks the best available."
+    )
+    controlnet_conditioning_scale: float = Field(1.0, ge=0.0, le=2.0, description="Strength of the sketch guidance.")
+    control_guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of steps where guidance starts.")
+    control_guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="Fraction of steps where guidance ends.")
+    strength: float = Field(0.8, ge=0.0, le=1.0, description="SDEdit: how far from the sketch to go.")
+
+
+class InpaintRequest(BaseRequest):
+    task: Literal["inpaint"] = "inpaint"
+    image: ImageInput = Field(..., description="The image to edit.")
+    mask_image: ImageInput = Field(None, description="White = repaint; or an RGBA image whose painted area is the mask.")
+    strength: float = Field(1.0, ge=0.0, le=1.0, description="How much of the masked area is renoised.")
+    mask_blur: int = Field(4, ge=0, le=256, description="Feather radius of the mask edge, in pixels.")
+    mask_grow: int = Field(0, ge=-256, le=256, description="Grow (>0) or shrink (<0) the mask, in pixels.")
+    only_masked: bool = Field(False, description="Inpaint a crop around the mask at full resolution, then paste.")
+    only_masked_padding: int = Field(32, ge=0, le=1024, description="Padding around the mask crop, in pixels.")
+    outpaint_left: int = Field(0, ge=0, le=1024, description="Extend the canvas to the left by this many pixels.")
+    outpaint_right: int = Field(0, ge=0, le=1024, description="Extend the canvas to the right.")
+    outpaint_up: int = Field(0, ge=0, le=1024, description="Extend the canvas upwards.")
+    outpaint_down: int = Field(0, ge=0, le=1024, description="Extend the canvas downwards.")
+
+
+class StyleTransferRequest(BaseRequest):
+    task: Literal["style_transfer"] = "style_transfer"
+    image: ImageInput = Field(..., description="The image to restyle.")
+    reference_image: ImageInput = Field(None, description="An image whose style to take.")
+    method: Literal["auto", "prompt", "reference", "ip_adapter"] = Field("auto", description="How style is applied.")
+    strength: float = Field(0.6, ge=0.0, le=1.0, description="How far from the input image to go.")
+    style_strength: float = Field(1.0, ge=0.0, le=2.0, description="How strongly the reference style is applied.")
+
+
+class ImagicRequest(BaseRequest):
+    task: Literal["imagic"] = "imagic"
+    image: ImageInput = Field(..., description="The real image to edit.")
+    eta: float = Field(0.7, ge=0.0, le=1.5, description="Interpolation: 0 reconstructs the input, 1 is the target text.")
+    embedding_steps: int = Field(500, ge=1, le=10_000, description="Stage 1: text-embedding optimisation steps.")
+    embedding_lr: float = Field(1e-3, gt=0.0, le=1.0, description="Stage 1 learning rate.")
+    finetune_steps: int = Field(1000, ge=0, le=20_000, description="Stage 2: model fine-tuning steps.")
+    finetune_lr: float = Field(2e-6, gt=0.0, le=1.0, description="Stage 2 learning rate.")
+    use_lora: bool = Field(False, description="Fine-tune a LoRA instead of the full UNet (faster, smaller).")
+    lora_rank: int = Field(4, ge=1, le=256, description="LoRA rank when use_lora is set.")
+
+
+Request = Annotated[
+    Union[TextToImageRequest, SketchToImageRequest, InpaintRequest, StyleTransferRequest, ImagicRequest],
+    Field(discriminator="task"),
+]
+REQUEST_TYPES = {
+    "text_to_image": TextToImageRequest,
+    "sketch_to_image": SketchToImageRequest,
+    "inpaint": InpaintRequest,
+    "style_transfer": StyleTransferRequest,
+    "imagic": ImagicRequest,
+}
+_request_adapter: TypeAdapter = TypeAdapter(Request)
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One readable line per problem: `field: message (got value)`."""
+    lines = []
+    for item in error.errors():
+        loc = [str(part) for part in item["loc"]]
+        if loc and loc[0] in REQUEST_TYPES:  # the union's tag adds nothing for the reader
+            loc = loc[1:]
+        where = ".".join(loc) or "request"
+        message = item["msg"].removeprefix("Value error, ")
+        got = item.get("input")
+        if item["type"] in ("value_error", "assertion_error") or isinstance(got, dict):
+            lines.append(f"{where}: {message}")
+        else:
+            lines.append(f"{where}: {message} (got {got!r})")
+    return "; ".join(lines)
+
+
+def parse_request(data: dict) -> BaseRequest:
+    """A request from plain data (a batch line, PNG metadata, an API body); task defaults to text_to_image."""
+    if not isinstance(data, dict):
+        raise StudioInputError(f"a request must be a JSON object, got {type(data).__name__}")
+    data = {"task": "text_to_image", **data}
+    if data["task"] not in REQUEST_TYPES:
+        raise StudioInputError(f"unknown task {data['task']!r}; choose one of: {', '.join(TASKS)}")
+    try:
+        return _request_adapter.validate_python(data)
+    except ValidationError as error:
+        raise StudioInputError(describe_validation_error(error)) from None
+
+
+def seeds_for(request: BaseRequest, random_seed: int) -> list[int]:
+    """One seed per image: the listed seeds, or seed, seed+1, ... (random_seed when seed is None)."""
+    if isinstance(request.seed, list):
+        return list(request.seed)
+    first = random_seed if request.seed is None else request.seed
+    return [(first + i) % (MAX_SEED + 1) for i in range(request.batch_size)]

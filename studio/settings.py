@@ -1,0 +1,60 @@
+"""One settings object, built once at start-up and passed down.
+
+Nothing here reads the environment or picks a device at import time: the CLI,
+the UI and the tests call `Settings(...)` (or `Settings.from_env()`) themselves.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+# The package's own folder; the embedded model lives beside the package in a
+# source checkout (assets/) and is the default model everywhere.
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_DIR = PACKAGE_DIR.parent
+EMBEDDED_MODEL_DIR = REPO_DIR / "assets" / "embedded-model"
+# Configs and tokenizer files for loading single-file SD checkpoints offline.
+CONFIGS_DIR = PACKAGE_DIR / "configs"
+
+
+@dataclass(frozen=True)
+class Settings:
+    outputs_dir: Path = Path("outputs")  # where generated PNGs go unless told otherwise
+    model: str = "embedded"  # default model reference (see studio.models.resolve_model_ref)
+    models_dirs: tuple[Path, ...] = ()  # extra folders searched for local models by `studio models`
+    device: str = "auto"  # "auto" (cuda > mps > cpu), or any torch device string
+    dtype: str = "auto"  # "auto" (fp16/bf16 on GPU, fp32 on CPU), "float32", "float16", "bfloat16"
+    attention: str = "auto"  # "auto" (xformers on CUDA when installed, else SDPA), "sdpa", "xformers"
+    attention_slicing: bool = False  # lower peak memory, slower
+    vae_tiling: bool = False  # decode large images tile by tile
+    offload: str = "none"  # "none", "model" (whole models to CPU when idle), "sequential" (per layer)
+    allow_pickle: bool = False  # load .ckpt/.pt/.bin pickles (always with weights_only=True)
+    max_cached_models: int = 1  # loaded base models kept in memory; older ones are freed
+    max_image_pixels: int = 4096 * 4096  # larger input images are refused (decompression bombs)
+    max_batch_lines: int = 10_000  # batch files with more jobs are refused
+    host: str = "127.0.0.1"  # the UI/API server's bind address
+    port: int = 7860  # the UI/API server's port
+    extra: dict = field(default_factory=dict)  # room for task-specific settings
+
+    @classmethod
+    def from_env(cls, environ: dict | None = None, **overrides) -> "Settings":
+        """Settings from STUDIO_* environment variables, then explicit overrides."""
+        env = os.environ if environ is None else environ
+        values: dict = {}
+        if "STUDIO_OUTPUTS" in env:
+            values["outputs_dir"] = Path(env["STUDIO_OUTPUTS"])
+        if "STUDIO_MODEL" in env:
+            values["model"] = env["STUDIO_MODEL"]
+        if "STUDIO_MODELS_DIRS" in env:
+            values["models_dirs"] = tuple(Path(p) for p in env["STUDIO_MODELS_DIRS"].split(os.pathsep) if p)
+        if "STUDIO_DEVICE" in env:
+            values["device"] = env["STUDIO_DEVICE"]
+        if "STUDIO_DTYPE" in env:
+            values["dtype"] = env["STUDIO_DTYPE"]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def with_(self, **changes) -> "Settings":
+        return replace(self, **changes)
