@@ -17,7 +17,7 @@ from pathlib import Path
 from .images import image_sha256, open_image
 from .metadata import ImageRecord, environment_fingerprint, png_bytes, read_record
 from .models import ModelManager
-from .outputs import atomic_write_bytes
+from .outputs import atomic_write_bytes, atomic_write_new
 from .progress import Progress
 from .requests import (
     MAX_SEED,
@@ -51,23 +51,33 @@ class Result:
         """Image `index` as PNG bytes with its metadata."""
         return png_bytes(self.images[index], self.records[index])
 
-    def save(self, target: str | Path) -> list[Path]:
+    def save(self, target: str | Path, overwrite: bool = True) -> list[Path]:
         """Write every image atomically. `target` may hold {index} and {seed}; without them, several
-        images are numbered `name-1.png`, `name-2.png`, ..."""
-        target = str(target)
-        paths = []
-        for index, record in enumerate(self.records):
-            if "{index}" in target or "{seed}" in target:
-                name = target.replace("{index}", str(index + 1)).replace("{seed}", str(record.seed))
-            elif len(self.records) > 1:
-                stem, suffix = Path(target).stem, Path(target).suffix or ".png"
-                name = str(Path(target).with_name(f"{stem}-{index + 1}{suffix}"))
+        images are numbered `name-1.png`, `name-2.png`, ... With overwrite=False an existing file is
+        left as it is (batch resume never rewrites a finished file)."""
+        paths = output_names(target, self.seeds)
+        for index, path in enumerate(paths):
+            if overwrite:
+                atomic_write_bytes(path, self.png(index))
             else:
-                name = target
-            path = Path(name)
-            atomic_write_bytes(path, self.png(index))
-            paths.append(path)
+                atomic_write_new(path, self.png(index))
         return paths
+
+
+def output_names(target: str | Path, seeds: list[int]) -> list[Path]:
+    """File names for a batch of images from one target name or pattern."""
+    target = str(target)
+    names = []
+    for index, seed in enumerate(seeds):
+        if "{index}" in target or "{seed}" in target:
+            name = target.replace("{index}", str(index + 1)).replace("{seed}", str(seed))
+        elif len(seeds) > 1:
+            stem, suffix = Path(target).stem, Path(target).suffix or ".png"
+            name = str(Path(target).with_name(f"{stem}-{index + 1}{suffix}"))
+        else:
+            name = target
+        names.append(Path(name))
+    return names
 
 
 class Studio:

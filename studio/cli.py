@@ -1,0 +1,262 @@
+"""The `studio` command. Thin: it builds settings and requests, calls `Studio`, prints results.
+
+Errors are one clear line on stderr and a non-zero exit (2: bad input, 1: failure, 130: interrupted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .requests import SCHEDULER_NAMES, StudioInputError
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+def _add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model and device")
+    group.add_argument("--model", help="embedded (default), a diffusers folder, a cached hub id, or a .safetensors file")
+    group.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N, mps")
+    group.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"])
+    group.add_argument("--attention", default="auto", choices=["auto", "sdpa", "xformers"])
+    group.add_argument("--attention-slicing", action="store_true", help="lower peak memory, slower")
+    group.add_argument("--vae-tiling", action="store_true", help="decode large images in tiles")
+    group.add_argument("--offload", default="none", choices=["none", "model", "sequential"], help="CPU offload (GPU only)")
+    group.add_argument(
+        "--allow-pickle", action="store_true", help="allow .ckpt/.pt/.bin pickle weights (loaded with weights_only)"
+    )
+    group.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("request")
+    group.add_argument("-n", "--negative-prompt", default="", help="what to steer away from")
+    group.add_argument("--seed", type=int, nargs="+", help="seed of the first image, or one seed per image")
+    group.add_argument("-W", "--width", type=int, help="pixels, a multiple of 8 (default: the model's)")
+    group.add_argument("-H", "--height", type=int, help="pixels, a multiple of 8 (default: the model's)")
+    group.add_argument("--steps", dest="num_inference_steps", type=int, default=25, help="denoising steps")
+    group.add_argument("--guidance-scale", "--cfg", dest="guidance_scale", type=float, default=7.0)
+    group.add_argument("--scheduler", choices=SCHEDULER_NAMES, metavar="NAME", help=", ".join(SCHEDULER_NAMES))
+    group.add_argument("-b", "--batch-size", type=int, default=1, help="images to make")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="studio", description="Text-to-image and image editing, offline-first.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    generate = commands.add_parser("generate", help="make images from a prompt")
+    generate.add_argument("prompt")
+    generate.add_argument(
+        "-o", "--output", help="output PNG; may hold {index} and {seed} (default: outputs/<time>-<seed>.png)"
+    )
+    _add_request_arguments(generate)
+    _add_settings_arguments(generate)
+
+    batch = commands.add_parser("batch", help="render a JSONL/CSV file of requests; rerun to resume")
+    batch.add_argument("jobs", type=Path, help="one request per line (JSONL) or per row (CSV with a header)")
+    batch.add_argument("--out", type=Path, required=True, help="folder for the PNGs and manifest.jsonl")
+    _add_settings_arguments(batch)
+
+    info = commands.add_parser("info", help="print the request stored in a PNG as JSON")
+    info.add_argument("image", type=Path)
+
+    replay = commands.add_parser("replay", help="re-render the image a PNG's metadata describes")
+    replay.add_argument("image", type=Path)
+    replay.add_argument("-o", "--output", required=True, help="output PNG")
+    for name in ("image", "mask-image", "control-image", "reference-image"):
+        replay.add_argument(f"--input-{name}", help=f"the {name.replace('-', '_')} the original used")
+    _add_settings_arguments(replay)
+
+    models = commands.add_parser("models", help="list the models available locally")
+    models.add_argument("--models-dir", type=Path, action="append", default=[], help="a folder of models to list")
+
+    commands.add_parser("train-demo", help="train the embedded model (resumable)", add_help=False)
+    commands.add_parser("eval", help="ShapesEval of a model on the toy world", add_help=False)
+    return parser
+
+
+def _settings(args):
+    from .settings import Settings
+
+    overrides = {
+        "model": getattr(args, "model", None),
+        "device": getattr(args, "device", None),
+        "dtype": getattr(args, "dtype", None),
+        "attention": getattr(args, "attention", None),
+        "attention_slicing": getattr(args, "attention_slicing", None),
+        "vae_tiling": getattr(args, "vae_tiling", None),
+        "offload": getattr(args, "offload", None),
+        "allow_pickle": getattr(args, "allow_pickle", None),
+    }
+    if getattr(args, "models_dir", None):
+        overrides["models_dirs"] = tuple(args.models_dir)
+    return Settings.from_env(**overrides)
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (loading bars, deprecation notes) is not for the user of a CLI."""
+    import warnings
+
+    import diffusers
+    import transformers
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _print_warnings(warnings: list[str]) -> None:
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+def cmd_generate(args) -> int:
+    import time
+
+    from .core import Studio, make_request
+    from .progress import TqdmProgress
+
+    seed = args.seed[0] if args.seed and len(args.seed) == 1 else args.seed
+    request = make_request(
+        "text_to_image",
+        prompt=args.prompt,
+        negative_prompt=args.negative_prompt,
+        seed=seed,
+        width=args.width,
+        height=args.height,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        scheduler=args.scheduler,
+        batch_size=args.batch_size if not isinstance(seed, list) else len(seed),
+        model=args.model,
+    )
+    settings = _settings(args)
+    _quiet_libraries()
+    studio = Studio(settings)
+    progress = TqdmProgress(disable=args.quiet)
+    try:
+        result = studio.run(request, progress)
+    finally:
+        progress.close()
+    target = args.output or str(settings.outputs_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{{seed}}.png")
+    _print_warnings(result.warnings)
+    for path, seed in zip(result.save(target), result.seeds):
+        print(f"{path}  (seed {seed})")
+    return 0
+
+
+def cmd_batch(args) -> int:
+    from .batch import run_batch
+    from .core import Studio
+    from .progress import TqdmProgress
+
+    _quiet_libraries()
+    studio = Studio(_settings(args))
+
+    def on_job(job, status, detail):
+        print(f"line {job.line}: {status}: {detail}", file=sys.stderr if status == "failed" else sys.stdout)
+
+    summary = run_batch(studio, args.jobs, args.out, lambda: TqdmProgress(disable=args.quiet), on_job)
+    print(
+        f"{len(summary.rendered)} rendered, {len(summary.skipped)} already done, {len(summary.failed)} failed "
+        f"-> {args.out}"
+    )
+    return EXIT_FAILED if summary.failed else 0
+
+
+def cmd_info(args) -> int:
+    from .metadata import read_record, request_to_json
+
+    record = read_record(args.image)
+    print(
+        json.dumps(
+            {
+                "request": request_to_json(record.request),
+                "image_index": record.image_index,
+                "seed": record.seed,
+                "model": {"name": record.model_name, "hash": record.model_hash},
+                "sampler": record.sampler,
+                "input_hashes": record.input_hashes,
+                "environment": record.environment,
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from .core import Studio
+    from .progress import TqdmProgress
+
+    inputs = {
+        name: getattr(args, f"input_{name}")
+        for name in ("image", "mask_image", "control_image", "reference_image")
+        if getattr(args, f"input_{name}")
+    }
+    _quiet_libraries()
+    studio = Studio(_settings(args))
+    progress = TqdmProgress(disable=args.quiet)
+    try:
+        result = studio.replay(args.image, inputs=inputs, progress=progress)
+    finally:
+        progress.close()
+    _print_warnings(result.warnings)
+    for path in result.save(args.output):
+        print(path)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .models import list_local_models
+
+    for model in list_local_models(_settings(args)):
+        print(f"{model['reference']}\t{model['kind']}\t{model['location']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Sub-programs with their own options.
+    if argv[:1] == ["train-demo"]:
+        from .demo.train import main as train_main
+
+        return train_main(argv[1:])
+    if argv[:1] == ["eval"]:
+        from .demo.evaluate import main as eval_main
+
+        return eval_main(argv[1:])
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    commands = {
+        "generate": cmd_generate,
+        "batch": cmd_batch,
+        "info": cmd_info,
+        "replay": cmd_replay,
+        "models": cmd_models,
+    }
+    from .progress import GenerationCancelled
+
+    try:
+        return commands[args.command](args)
+    except StudioInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (KeyboardInterrupt, GenerationCancelled):
+        print("interrupted; finished files are kept", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (RuntimeError, OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Model references, loading rules and the model cache."""
+
+import json
+import shutil
+import time
+
+import pytest
+import torch
+
+from studio.models import ModelError, ModelManager, resolve_model_ref
+from studio.settings import Settings
+
+
+def test_reference_kinds(sd15_folder, tmp_path):
+    settings = Settings()
+    assert resolve_model_ref(str(sd15_folder), settings).kind == "folder"
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"x")
+    assert resolve_model_ref(str(checkpoint), settings).kind == "single_file"
+    assert resolve_model_ref("someone/some-model", settings).kind == "hub"
+    with pytest.raises(ModelError, match="no-such.safetensors"):
+        resolve_model_ref(str(tmp_path / "no-such.safetensors"), settings)
+    with pytest.raises(ModelError, match="model_index.json"):
+        resolve_model_ref(str(tmp_path), settings)
+
+
+def test_uncached_hub_model_fails_fast_and_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    started = time.perf_counter()
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache"):
+        ModelManager(Settings()).get("runwayml/stable-diffusion-v1-5")
+    assert time.perf_counter() - started < 5
+
+
+def _copy(folder, tmp_path, name):
+    target = tmp_path / name
+    shutil.copytree(folder, target)
+    return target
+
+
+def test_folder_needing_remote_code_is_refused(sd15_folder, tmp_path):
+    folder = _copy(sd15_folder, tmp_path, "remote")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["unet"] = ["my_unet", "MyUNet"]  # would import my_unet.py shipped inside the folder
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelError, match="remote code"):
+        ModelManager(Settings()).get(str(folder))
+    index["_class_name"] = "LongPromptWeightingPipeline"
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ModelError, match="custom pipeline"):
+        ModelManager(Settings()).get(str(folder))
+
+
+def test_folder_with_only_pickle_weights_is_refused(sd15_folder, tmp_path):
+    folder = _copy(sd15_folder, tmp_path, "pickled")
+    for weights in folder.glob("*/*.safetensors"):
+        weights.rename(weights.with_suffix(".bin"))
+    with pytest.raises(ModelError, match="pickle"):
+        ModelManager(Settings()).get(str(folder))
+
+
+def test_cache_reuses_shares_and_frees(sd15_folder, sdxl_folder):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    manager = ModelManager(Settings(dtype="bfloat16"))
+    loaded = manager.get(str(sd15_folder))
+    assert manager.get(str(sd15_folder)) is loaded  # no reload
+    img2img = manager.derive(loaded, StableDiffusionImg2ImgPipeline)
+    assert img2img.unet is loaded.pipe.unet  # weights shared, not copied
+    assert loaded.pipe.unet.dtype == torch.bfloat16  # from_pipe did not cast the shared weights
+    assert manager.derive(loaded, StableDiffusionImg2ImgPipeline) is img2img
+    manager.get(str(sdxl_folder))  # a different model: the first one is freed (max_cached_models=1)
+    assert [ref.name for ref in manager.loaded_models()] == ["tiny-sdxl"]
+
+
+def test_device_and_dtype_choice():
+    from studio.devices import pick_device, pick_dtype
+
+    assert pick_device("auto").type in ("cpu", "cuda", "mps")
+    assert pick_dtype(torch.device("cpu")) == torch.float32
+    assert pick_dtype(torch.device("cuda")) == torch.float16
+    with pytest.raises(ValueError, match="'tpu9'"):
+        pick_device("tpu9")
+    with pytest.raises(ValueError, match="'float8'"):
+        pick_dtype(torch.device("cpu"), "float8")

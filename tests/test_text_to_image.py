@@ -1,0 +1,78 @@
+"""Text-to-image on tiny in-code models: seeds, schedulers, batches, warnings, cancel, non-finite outputs."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.common import NonFiniteOutputError
+from studio.progress import GenerationCancelled, Progress
+
+
+def pixels(image):
+    return np.asarray(image, dtype=np.int16)
+
+
+def test_same_request_same_pixels_and_seed_changes_them(studio):
+    first = studio.text_to_image("a red circle", seed=11, num_inference_steps=3)
+    again = studio.text_to_image("a red circle", seed=11, num_inference_steps=3)
+    other = studio.text_to_image("a red circle", seed=12, num_inference_steps=3)
+    assert np.array_equal(pixels(first.images[0]), pixels(again.images[0]))
+    assert np.abs(pixels(first.images[0]) - pixels(other.images[0])).mean() > 1.0
+    assert first.images[0].size == (64, 64)  # the model's native size
+
+
+def test_batch_has_one_seed_per_image_matching_single_renders(studio):
+    batch = studio.text_to_image("a blue square", seed=[21, 8], num_inference_steps=3)
+    assert batch.seeds == [21, 8]
+    single = studio.text_to_image("a blue square", seed=8, num_inference_steps=3)
+    # Same noise from the same CPU generator: the batch's second image is the seed-8 image
+    # (batched matmuls may differ by a rounding step, never by content).
+    assert np.abs(pixels(batch.images[1]) - pixels(single.images[0])).max() <= 2
+    assert np.abs(pixels(batch.images[0]) - pixels(batch.images[1])).mean() > 1.0
+
+
+def test_random_seed_is_recorded(studio):
+    result = studio.text_to_image("a green triangle", num_inference_steps=2)
+    assert result.request.seed == result.seeds[0]
+    replayed = studio.text_to_image("a green triangle", num_inference_steps=2, seed=result.seeds[0])
+    assert np.array_equal(pixels(result.images[0]), pixels(replayed.images[0]))
+
+
+@pytest.mark.parametrize("scheduler", ["euler_a", "dpm++_2m_karras", "ddim", "unipc", "lcm", "dpm++_2m_sde"])
+def test_schedulers_by_friendly_name(studio, scheduler):
+    result = studio.text_to_image("a circle", seed=1, num_inference_steps=4, scheduler=scheduler)
+    assert result.records[0].sampler  # an A1111 sampler name is recorded
+    assert np.isfinite(pixels(result.images[0])).all()
+    # The cached model keeps its own scheduler: a request's sampler never leaks into the next one.
+    loaded = studio.models.get(None)
+    assert type(loaded.pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+
+
+def test_other_size_and_sdxl_model(studio, sdxl_folder):
+    result = studio.text_to_image("a circle", seed=1, num_inference_steps=2, width=96, height=64, model=str(sdxl_folder))
+    assert result.images[0].size == (96, 64)
+    assert result.records[0].model_name == "tiny-sdxl"
+
+
+def test_overlong_prompt_is_truncated_with_a_warning(studio):
+    result = studio.text_to_image("red " * 25_000, seed=1, num_inference_steps=1)
+    assert any("tokens long" in warning for warning in result.warnings)
+
+
+def test_cancel_stops_and_raises(studio):
+    seen = []
+    progress = Progress(on_update=lambda stage, step, total, preview: (seen.append(step), progress.cancel()))
+    with pytest.raises(GenerationCancelled):
+        studio.text_to_image("a circle", seed=1, num_inference_steps=20, progress=progress)
+    assert seen == [1]  # stopped after the first step
+
+
+def test_non_finite_decode_is_refused_not_saved(sd15_folder, tmp_path):
+    from studio import Settings, Studio
+
+    studio = Studio(Settings(model=str(sd15_folder)))
+    loaded = studio.models.get(None)
+    with torch.no_grad():
+        loaded.pipe.vae.decoder.conv_out.bias.fill_(float("nan"))
+    with pytest.raises(NonFiniteOutputError, match="NaN"):
+        studio.text_to_image("a circle", seed=1, num_inference_steps=1)
