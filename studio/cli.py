@@ -45,17 +45,53 @@ def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("-b", "--batch-size", type=int, default=1, help="images to make")
 
 
+# Sub-commands that render, and the task each one runs.
+TASK_COMMANDS = {
+    "generate": ("text_to_image", "make images from a prompt"),
+    "sketch": ("sketch_to_image", "make images whose layout follows a sketch (--control-image)"),
+    "inpaint": ("inpaint", "repaint the masked area of an image (--image, --mask-image)"),
+    "style": ("style_transfer", "restyle an image by a prompt or a reference image (--image)"),
+    "imagic": ("imagic", "edit a real image by text, Imagic-style (--image)"),
+}
+
+
+def _add_task_arguments(parser: argparse.ArgumentParser, task: str) -> None:
+    """Options for the task's own request fields, generated from the schema (names and help match it)."""
+    from typing import Literal, get_args, get_origin
+
+    from .requests import REQUEST_TYPES, BaseRequest
+
+    group = parser.add_argument_group(task)
+    for name, info in REQUEST_TYPES[task].model_fields.items():
+        if name in BaseRequest.model_fields or name == "task":
+            continue
+        flag = "--" + name.replace("_", "-")
+        options: dict = {"dest": name, "help": info.description, "default": None}
+        if info.annotation is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif get_origin(info.annotation) is Literal:
+            options["choices"] = get_args(info.annotation)
+        elif info.annotation in (int, float):
+            options["type"] = info.annotation
+        else:
+            options["metavar"] = "PATH"
+        group.add_argument(flag, **options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="studio", description="Text-to-image and image editing, offline-first.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    generate = commands.add_parser("generate", help="make images from a prompt")
-    generate.add_argument("prompt")
-    generate.add_argument(
-        "-o", "--output", help="output PNG; may hold {index} and {seed} (default: outputs/<time>-<seed>.png)"
-    )
-    _add_request_arguments(generate)
-    _add_settings_arguments(generate)
+    for command, (task, help_text) in TASK_COMMANDS.items():
+        render = commands.add_parser(command, help=help_text)
+        render.add_argument("prompt")
+        render.add_argument(
+            "-o", "--output", help="output PNG; may hold {index} and {seed} (default: outputs/<time>-<seed>.png)"
+        )
+        _add_request_arguments(render)
+        _add_task_arguments(render, task)
+        _add_settings_arguments(render)
+        render.set_defaults(task=task)
 
     batch = commands.add_parser("batch", help="render a JSONL/CSV file of requests; rerun to resume")
     batch.add_argument("jobs", type=Path, help="one request per line (JSONL) or per row (CSV with a header)")
@@ -117,15 +153,22 @@ def _print_warnings(warnings: list[str]) -> None:
         print(f"warning: {warning}", file=sys.stderr)
 
 
-def cmd_generate(args) -> int:
+def cmd_render(args) -> int:
     import time
 
     from .core import Studio, make_request
     from .progress import TqdmProgress
+    from .requests import REQUEST_TYPES, BaseRequest
 
     seed = args.seed[0] if args.seed and len(args.seed) == 1 else args.seed
+    task_fields = {
+        name: getattr(args, name)
+        for name in REQUEST_TYPES[args.task].model_fields
+        if name not in BaseRequest.model_fields and name != "task" and getattr(args, name, None) is not None
+    }
     request = make_request(
-        "text_to_image",
+        args.task,
+        **task_fields,
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
         seed=seed,
@@ -237,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     commands = {
-        "generate": cmd_generate,
+        **{command: cmd_render for command in TASK_COMMANDS},
         "batch": cmd_batch,
         "info": cmd_info,
         "replay": cmd_replay,

@@ -40,6 +40,9 @@ def open_image(source, *, max_pixels: int, name: str = "image", keep_alpha: bool
             data = source
             label = name
         else:
+            if isinstance(source, str) and source.lower().startswith(("http://", "https://", "ftp://", "file://")):
+                # URL fetching is off: it would let a request make the server reach internal addresses.
+                raise StudioInputError(f"{name} {source!r} is a URL; the studio does not fetch URLs, pass a file")
             path = Path(source)
             label = f"{name} {str(path)!r}"
             try:

@@ -75,3 +75,9 @@ def test_hash_depends_on_pixels():
     a = Image.new("RGB", (2, 2), (1, 2, 3))
     b = Image.new("RGB", (2, 2), (1, 2, 4))
     assert image_sha256(a) == image_sha256(a.copy()) != image_sha256(b)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8080/x.png", "https://169.254.169.254/latest", "file:///etc/passwd"])
+def test_urls_are_never_fetched(url):
+    with pytest.raises(StudioInputError, match="does not fetch URLs"):
+        open_image(url, max_pixels=LIMIT)
