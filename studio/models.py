@@ -171,7 +171,9 @@ def load_base_pipeline(ref: ModelRef, settings: Settings, dtype: torch.dtype):
         from .single_file import load_single_file_pipeline
 
         try:
-            return load_single_file_pipeline(ref.location, torch_dtype=dtype, allow_pickle=settings.allow_pickle)
+            return load_single_file_pipeline(
+                ref.location, torch_dtype=dtype, allow_pickle=settings.allow_pickle, configs_dir=settings.configs_dir
+            )
         except StudioInputError:
             raise
         except ValueError as error:

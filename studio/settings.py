@@ -31,6 +31,7 @@ class Settings:
     vae_tiling: bool = False  # decode large images tile by tile
     offload: str = "none"  # "none", "model" (whole models to CPU when idle), "sequential" (per layer)
     allow_pickle: bool = False  # load .ckpt/.pt/.bin pickles (always with weights_only=True)
+    configs_dir: Path = CONFIGS_DIR  # config folders (sd15, sd21, sdxl, ...) for single-file checkpoints
     max_cached_models: int = 1  # loaded base models kept in memory; older ones are freed
     max_image_pixels: int = 4096 * 4096  # larger input images are refused (decompression bombs)
     max_batch_lines: int = 10_000  # batch files with more jobs are refused

@@ -4,6 +4,7 @@ import json
 import shutil
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -83,3 +84,38 @@ def test_device_and_dtype_choice():
         pick_device("tpu9")
     with pytest.raises(ValueError, match="'float8'"):
         pick_dtype(torch.device("cpu"), "float8")
+
+
+def test_studio_renders_from_a_single_file_checkpoint(tmp_path):
+    from test_single_file import TINY, write_tiny_checkpoint
+
+    from studio import Studio
+    from studio.settings import CONFIGS_DIR
+
+    configs = tmp_path / "configs"
+    shutil.copytree(CONFIGS_DIR / "sd15", configs / "sd15")
+    for name, config in TINY["sd15"].items():
+        (configs / "sd15" / name / "config.json").write_text(json.dumps(config))
+    checkpoint = tmp_path / "my-model.safetensors"
+    write_tiny_checkpoint("sd15", configs, checkpoint)
+    studio = Studio(Settings(configs_dir=configs))
+    result = studio.text_to_image("a red circle", model=str(checkpoint), seed=1, num_inference_steps=2, width=64, height=64)
+    assert result.records[0].model_name == "my-model"
+    assert np.asarray(result.images[0]).std() > 0  # a real decode, not a blank image
+
+
+@pytest.mark.parametrize("name", ["evil.ckpt", "evil.png", "evil.safetensors"])
+def test_studio_refuses_a_malicious_pickle_before_loading(tmp_path, name):
+    from test_single_file import _CreatesFileWhenUnpickled
+
+    from studio import Studio
+
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {"x": _CreatesFileWhenUnpickled(marker)}}, tmp_path / name)
+    studio = Studio(Settings())
+    with pytest.raises(ModelError, match="--allow-pickle"):
+        studio.text_to_image("x", model=str(tmp_path / name), num_inference_steps=1)
+    with pytest.raises(ModelError, match="weights_only"):
+        Studio(Settings(allow_pickle=True)).text_to_image("x", model=str(tmp_path / name), num_inference_steps=1)
+    assert not marker.exists()
+    assert studio.models.loaded_models() == []
