@@ -57,7 +57,8 @@ TASK_COMMANDS = {
 
 def _add_task_arguments(parser: argparse.ArgumentParser, task: str) -> None:
     """Options for the task's own request fields, generated from the schema (names and help match it)."""
-    from typing import Literal, get_args, get_origin
+    from types import UnionType
+    from typing import Literal, Union, get_args, get_origin
 
     from .requests import REQUEST_TYPES, BaseRequest
 
@@ -67,12 +68,16 @@ def _add_task_arguments(parser: argparse.ArgumentParser, task: str) -> None:
             continue
         flag = "--" + name.replace("_", "-")
         options: dict = {"dest": name, "help": info.description, "default": None}
-        if info.annotation is bool:
+        annotation = info.annotation
+        if get_origin(annotation) in (Union, UnionType) and type(None) in get_args(annotation):
+            non_null = [arg for arg in get_args(annotation) if arg is not type(None)]
+            annotation = non_null[0] if len(non_null) == 1 else annotation  # "float | None" is a float option
+        if annotation is bool:
             options["action"] = argparse.BooleanOptionalAction
-        elif get_origin(info.annotation) is Literal:
-            options["choices"] = get_args(info.annotation)
-        elif info.annotation in (int, float):
-            options["type"] = info.annotation
+        elif get_origin(annotation) is Literal:
+            options["choices"] = get_args(annotation)
+        elif annotation in (int, float):
+            options["type"] = annotation
         else:
             options["metavar"] = "PATH"
         group.add_argument(flag, **options)
