@@ -146,16 +146,34 @@ class SketchToImageRequest(BaseRequest):
     control_guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of steps where guidance starts.")
     control_guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="Fraction of steps where guidance ends.")
     strength: float = Field(0.8, ge=0.0, le=1.0, description="SDEdit: how far from the sketch to go.")
+    controlnet: str | None = Field(
+        None,
+        max_length=4096,
+        description="A local diffusers ControlNet folder; None: Settings.extra['controlnet'], else the model's own "
+        "controlnet/ subfolder (the embedded model ships one).",
+    )
+    t2i_adapter: str | None = Field(
+        None,
+        max_length=4096,
+        description="A local diffusers T2I-Adapter (sketch) folder; None: Settings.extra['t2i_adapter'] if set.",
+    )
 
 
 class InpaintRequest(BaseRequest):
     task: Literal["inpaint"] = "inpaint"
     image: ImageInput = Field(..., description="The image to edit.")
-    mask_image: ImageInput = Field(None, description="White = repaint; or an RGBA image whose painted area is the mask.")
+    mask_image: ImageInput = Field(
+        None,
+        description="White = repaint; or an RGBA paint layer whose painted (alpha > 0) area is repainted. "
+        "None: the image's transparent (alpha < 255) area, or only the outpainted area.",
+    )
     strength: float = Field(1.0, ge=0.0, le=1.0, description="How much of the masked area is renoised.")
     mask_blur: int = Field(4, ge=0, le=256, description="Feather radius of the mask edge, in pixels.")
     mask_grow: int = Field(0, ge=-256, le=256, description="Grow (>0) or shrink (<0) the mask, in pixels.")
-    only_masked: bool = Field(False, description="Inpaint a crop around the mask at full resolution, then paste.")
+    only_masked: bool = Field(
+        False,
+        description="Inpaint a crop around the mask at width x height (default: the model's native size), then paste.",
+    )
     only_masked_padding: int = Field(32, ge=0, le=1024, description="Padding around the mask crop, in pixels.")
     outpaint_left: int = Field(0, ge=0, le=1024, description="Extend the canvas to the left by this many pixels.")
     outpaint_right: int = Field(0, ge=0, le=1024, description="Extend the canvas to the right.")
@@ -179,7 +197,9 @@ class ImagicRequest(BaseRequest):
     embedding_steps: int = Field(500, ge=1, le=10_000, description="Stage 1: text-embedding optimisation steps.")
     embedding_lr: float = Field(1e-3, gt=0.0, le=1.0, description="Stage 1 learning rate.")
     finetune_steps: int = Field(1000, ge=0, le=20_000, description="Stage 2: model fine-tuning steps.")
-    finetune_lr: float = Field(2e-6, gt=0.0, le=1.0, description="Stage 2 learning rate.")
+    finetune_lr: float | None = Field(
+        None, gt=0.0, le=1.0, description="Stage 2 learning rate; None: 2e-6 for the full UNet, 1e-4 for a LoRA."
+    )
     use_lora: bool = Field(False, description="Fine-tune a LoRA instead of the full UNet (faster, smaller).")
     lora_rank: int = Field(4, ge=1, le=256, description="LoRA rank when use_lora is set.")
 

@@ -1,0 +1,199 @@
+"""Region inpainting and outpainting: repaint the masked part of an image, keep every other pixel exactly.
+
+Which pixels are repainted (see pipelines.masks for the exact conventions):
+- `mask_image` without transparency: white = repaint. With transparency (an RGBA paint layer from a
+  browser editor): the painted (alpha > 0) area is repainted.
+- no `mask_image`, and an RGBA `image` with transparent pixels: the not-fully-opaque area is repainted.
+- `outpaint_left/right/up/down`: the canvas grows by that many pixels on each side; the new area is
+  filled by repeating the edge pixels and always repainted. The original pixels are kept exactly
+  (the seam's feather lies inside the new area). `mask_grow` applies to the user's mask only.
+
+Then `mask_grow` grows (> 0) or shrinks (< 0) the mask by that many pixels, and `mask_blur` feathers its
+edge over that many pixels on each side. The model repaints every pixel the feathered mask touches, and
+the result is composited over the original in pixel space: out = original * (1 - m) + generated * m,
+so pixels with m == 0 (farther than mask_grow + mask_blur outside the drawn mask) are the input's bytes
+and VAE round-trip drift never reaches them.
+
+Size: the output has the image's size (plus any outpainting). The canvas given to the model is padded
+on the right/bottom to a multiple of 8 (edge pixels repeated) and the result cropped back, so nothing is
+cropped or resampled. With `width`/`height` set, the image (and mask) are first resized to that size
+(one of them alone keeps the aspect ratio). In `only_masked` mode the image keeps its size; the box
+around the mask (plus `only_masked_padding`, widened to the working aspect ratio) is inpainted at
+`width` x `height` (default: the model's native size) and pasted back.
+
+Models: dedicated inpainting UNets (unet.config.in_channels == 9, SD1.x/2.x or SDXL) get the mask and
+masked image as extra input channels; any ordinary 4-channel model works too (diffusers re-noises the
+original latents outside the mask at every step and blends them in, "latent blending").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from studio.requests import InpaintRequest, StudioInputError
+
+from . import masks
+from .common import TaskContext, cpu_generators, decode_latents, default_size, to_pil, warn_if_truncated, with_scheduler
+
+
+@dataclass
+class InpaintPlan:
+    """Everything about a request that needs no model: the canvas and which of its pixels may change."""
+
+    canvas: Image.Image  # RGB, output size: the original pixels (resized / outpainted as asked)
+    repaint: np.ndarray  # bool (H, W): pixels the model regenerates (every pixel with soft > 0)
+    soft: np.ndarray  # float (H, W) in [0, 1]: weight of the generated image in the final composite
+    mask_fraction: float  # share of the (resized) image the user's mask covers, before grow/blur
+
+
+def plan_inpaint(request: InpaintRequest, images: dict) -> InpaintPlan:
+    """Work out the canvas and masks from the request's opened images; StudioInputError on bad input."""
+    image = images["image"]
+    mask_image = images.get("mask_image")
+    sides = (request.outpaint_left, request.outpaint_up, request.outpaint_right, request.outpaint_down)
+    outpainting = any(sides)
+
+    # 1. the user's mask
+    if mask_image is not None:
+        if mask_image.size != image.size:
+            raise StudioInputError(
+                f"mask_image is {mask_image.width}x{mask_image.height} but image is {image.width}x{image.height}; "
+                "they must be the same size"
+            )
+        mask = masks.mask_from_image(mask_image)
+    elif masks.has_transparency(image):
+        mask = masks.mask_from_transparency(image)
+    elif outpainting:
+        mask = np.zeros((image.height, image.width), dtype=bool)
+    else:
+        raise StudioInputError(
+            "nothing marks the area to repaint: give a mask_image (white = repaint), an RGBA image whose "
+            "transparent area is to be repainted, or outpaint_left/right/up/down"
+        )
+    if not outpainting and not mask.any():
+        source = mask_image if mask_image is not None else image
+        what = "fully transparent" if masks.has_transparency(source) else "all black"
+        raise StudioInputError(f"the mask is empty ({what}): nothing to repaint")
+
+    # 2. the working size: the image's, or width/height when given (not in only_masked mode)
+    canvas = masks.flatten(image)
+    if not request.only_masked and (request.width or request.height):
+        size = _requested_size(request, canvas.size)
+        if size != canvas.size:
+            canvas = canvas.resize(size, Image.LANCZOS)
+            mask = masks.resize_mask(mask, size)
+    mask_fraction = float(mask.mean())
+
+    # 3. grow / shrink, then outpaint
+    grown = masks.grow_mask(mask, request.mask_grow)
+    if mask.any() and not grown.any() and not outpainting:
+        raise StudioInputError(f"mask_grow={request.mask_grow} shrinks the mask to nothing: nothing to repaint")
+    left, up, right, down = sides
+    if outpainting:
+        canvas = masks.pad_edges(canvas, left, up, right, down)
+        grown = masks.pad_mask(grown, left, up, right, down)
+        new_area = ~masks.pad_mask(np.ones(mask.shape, dtype=bool), left, up, right, down)
+    else:
+        new_area = np.zeros(grown.shape, dtype=bool)
+
+    # 4. feather: symmetric around the user's mask, inside-only for the outpainted area
+    soft = masks.feather(grown, request.mask_blur)
+    if outpainting:
+        soft = np.maximum(soft, masks.feather_inside(new_area, request.mask_blur))
+    repaint = (soft > 0) | new_area | grown
+    return InpaintPlan(canvas=canvas, repaint=repaint, soft=soft, mask_fraction=mask_fraction)
+
+
+def _requested_size(request: InpaintRequest, size: tuple[int, int]) -> tuple[int, int]:
+    width, height = request.width, request.height
+    if width and height:
+        return width, height
+    if width:
+        return width, max(8, int(round(size[1] * width / size[0] / 8)) * 8)
+    return max(8, int(round(size[0] * height / size[1] / 8)) * 8), height
+
+
+def check_inputs(request: InpaintRequest, context: TaskContext) -> None:
+    """Image/mask checks, before any model is loaded."""
+    if request.task != "inpaint":
+        raise StudioInputError(f"inpaint cannot run a {request.task!r} request")
+    if int(request.num_inference_steps * request.strength) < 1:
+        raise StudioInputError(
+            f"strength {request.strength} x {request.num_inference_steps} steps leaves no denoising step; "
+            "raise strength or num_inference_steps"
+        )
+    plan = plan_inpaint(request, context.images)
+    if plan.mask_fraction >= 1.0:
+        context.warnings.append("the mask covers the whole image: this is plain image-to-image")
+    if not request.prompt.strip() and not request.negative_prompt.strip():
+        context.warnings.append("the prompt is empty: the masked area is filled without guidance")
+
+
+def _pipeline_class(loaded):
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
+
+    return StableDiffusionXLInpaintPipeline if loaded.is_sdxl else StableDiffusionInpaintPipeline
+
+
+def run(request: InpaintRequest, context: TaskContext, seeds: list[int]) -> list:
+    """Inpaint `len(seeds)` images; returns PIL images in seed order."""
+    # 1. the canvas and masks (the same work check_inputs validated)
+    plan = plan_inpaint(request, context.images)
+    width, height = plan.canvas.size
+
+    # 2. load the model (cached) and derive its inpainting pipeline (9-channel UNet or latent blending)
+    loaded = context.models.get(request.model)
+    pipe = context.models.derive(loaded, _pipeline_class(loaded))
+    pipe = with_scheduler(context, loaded, pipe, request.scheduler)
+    factor = pipe.vae_scale_factor
+    warn_if_truncated(pipe, request.prompt, context)
+    warn_if_truncated(pipe, request.negative_prompt, context, "negative_prompt")
+
+    # 3. what the model sees: the box around the mask (only_masked) or the whole canvas padded to a multiple of 8
+    if request.only_masked:
+        work_w, work_h = default_size(pipe, request)
+        box = masks.crop_box_for(plan.repaint, request.only_masked_padding, work_w / work_h, (width, height))
+        model_image = plan.canvas.crop(box).resize((work_w, work_h), Image.LANCZOS)
+        model_mask = masks.resize_mask(plan.repaint[box[1] : box[3], box[0] : box[2]], (work_w, work_h), any_pixel=True)
+    else:
+        multiple = max(8, factor)
+        pad_right, pad_down = -width % multiple, -height % multiple
+        work_w, work_h = width + pad_right, height + pad_down
+        model_image = masks.pad_edges(plan.canvas, 0, 0, pad_right, pad_down)
+        model_mask = masks.pad_mask(plan.repaint, 0, 0, pad_right, pad_down, mode="edge")
+    # Whole latent cells, so the pipeline's nearest-neighbour downsampling keeps thin strokes.
+    model_mask = masks.latent_cells(model_mask, factor)
+
+    # 4. sample, reporting each step and stopping after a cancel
+    steps = int(request.num_inference_steps * request.strength)
+    context.progress.raise_if_cancelled()
+    output = pipe(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt or None,
+        image=model_image,
+        mask_image=masks.mask_to_image(model_mask),
+        width=work_w,
+        height=work_h,
+        strength=request.strength,
+        num_inference_steps=request.num_inference_steps,
+        guidance_scale=request.guidance_scale,
+        num_images_per_prompt=len(seeds),
+        generator=cpu_generators(seeds),
+        output_type="latent",
+        callback_on_step_end=context.progress.diffusers_callback("inpainting", steps),
+    )
+    context.progress.raise_if_cancelled()
+
+    # 5. decode (refusing non-finite pixels) and composite over the original in pixel space
+    results = []
+    for generated in to_pil(decode_latents(pipe, output.images)):
+        if request.only_masked:
+            full = plan.canvas.copy()
+            full.paste(generated.resize((box[2] - box[0], box[3] - box[1]), Image.LANCZOS), box[:2])
+        else:
+            full = generated.crop((0, 0, width, height))
+        results.append(masks.composite(plan.canvas, full, plan.soft))
+    return results
