@@ -1,0 +1,105 @@
+"""Smoke tests for the embedded model's training code (studio.demo.train / tokenizer).
+
+Fast (well under 30 s on 2 CPU cores): no stage is run to completion; the real
+architectures are built, stepped a few times and exported through the same code
+the training uses, then loaded back the way a real SD checkpoint is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+from studio.demo import tokenizer as tok_mod  # noqa: E402
+from studio.demo import train  # noqa: E402
+
+world = pytest.importorskip("studio.demo.world")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    folder = tok_mod.write_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer")
+    return tok_mod.load_tokenizer(folder)
+
+
+def test_tokenizer_files_and_round_trip(tokenizer):
+    folder = tokenizer.name_or_path
+    for name in tok_mod.FILES:
+        assert (train.Path(folder) / name).exists(), name
+    assert tokenizer.model_max_length == tok_mod.MAX_LENGTH
+    assert tokenizer.bos_token == "<|startoftext|>" and tokenizer.eos_token == "<|endoftext|>"
+    captions = [s.caption for s in world.training_scenes(100, 0)] + [s.caption for s in world.eval_scenes(20)]
+    tok_mod.check_tokenizer(tokenizer, world.vocabulary(), captions)  # every world word is one token
+    ids = tokenizer("a red circle")["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id and len(ids) == 5
+    # unknown words still tokenize (into smaller pieces), and decode back
+    ids = tokenizer("a zebra", add_special_tokens=False)["input_ids"]
+    assert len(ids) > 2 and tokenizer.decode(ids) == "a zebra"
+    assert tokenizer.unk_token_id not in ids
+
+
+def test_lr_schedule_warms_up_then_decays():
+    spec = train.StageSpec(steps=100, batch=1, lr=1e-3, warmup=10)
+    lrs = [train.lr_at(s, spec) for s in range(100)]
+    assert lrs[0] < lrs[9] == pytest.approx(1e-3)
+    assert lrs[50] < lrs[10] and lrs[-1] == pytest.approx(1e-4, rel=0.05)
+
+
+def test_unet_steps_reduce_loss_on_a_batch():
+    torch.manual_seed(0)
+    unet = train.make_unet().train()
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    sched = train.train_noise_scheduler()
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(4, train.LATENT_CHANNELS, train.LATENT_SIZE, train.LATENT_SIZE, generator=gen)
+    emb = torch.randn(4, tok_mod.MAX_LENGTH, train.TEXT_WIDTH, generator=gen)
+    noise = torch.randn(latents.shape, generator=gen)
+    t = torch.tensor([100, 300, 600, 900])
+    noisy, target = sched.add_noise(latents, noise, t), sched.get_velocity(latents, noise, t)
+    snr = (sched.alphas_cumprod / (1 - sched.alphas_cumprod))[t]
+    losses = []
+    for _ in range(8):
+        loss = train.diffusion_loss(unet(noisy, t, emb).sample, target, snr)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert max(losses[-2:]) < 0.9 * losses[0], losses
+
+
+def test_export_loads_as_stable_diffusion(tmp_path, tokenizer):
+    from diffusers import ControlNetModel, StableDiffusionPipeline
+    from transformers import CLIPVisionModelWithProjection
+
+    work = train.Work(tmp_path / "work")
+    shutil.copytree(tokenizer.name_or_path, work.component("tokenizer"))
+    train.export_clip(train.make_clip(tokenizer), work)
+    train.save_component(train.make_vae(), work.component("vae"))
+    unet = train.make_unet()
+    train.save_component(unet, work.component("unet"))
+    train.save_component(train.make_controlnet(unet), work.component("controlnet"))
+    out = tmp_path / "embedded-model"
+    assert train.export(work, out)
+    assert train.export(work, out)  # a second export replaces the first in place
+    assert not list(tmp_path.glob(".embedded-model*"))
+
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["safety_checker"] == [None, None] and index["requires_safety_checker"] is False
+    assert "controlnet" not in index and "clip_image_encoder" not in index
+    pipe = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae_scale_factor == 4
+    assert pipe.text_encoder.config.max_position_embeddings == pipe.tokenizer.model_max_length
+    image = pipe("a red circle on the left", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.size == (64, 64)
+    ControlNetModel.from_pretrained(str(out), subfolder="controlnet", local_files_only=True)
+    CLIPVisionModelWithProjection.from_pretrained(str(out), subfolder="clip_image_encoder", local_files_only=True)
+    assert (out / "clip_image_encoder" / "text_projection.safetensors").exists()
+    size_mb = sum(f.stat().st_size for f in out.rglob("*.safetensors")) / 1e6
+    assert size_mb <= 40, size_mb
