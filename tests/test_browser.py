@@ -1,0 +1,272 @@
+"""The web UI in a real browser: Chromium (Debian's /usr/bin/chromium) driven by Playwright.
+
+Generates an image on the text tab, paints a mask with the mouse on the inpaint tab and runs
+it, and checks what the page shows and what the files hold: the result appears, its PNG keeps
+the studio's metadata, and every pixel outside the painted stroke is the uploaded image's.
+Screenshots go to a temp folder (STUDIO_SCREENSHOTS names another, e.g. docs/screenshots).
+The page may reach only the studio's own server; any other request fails the test.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import sys
+import tempfile
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed (apt-get install chromium)"
+)
+
+sync_api = pytest.importorskip("playwright.sync_api")
+pytest.importorskip("gradio")
+
+from studio.metadata import read_record  # noqa: E402
+from studio.server import free_port  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",  # without these, Chromium's own calls home are refused by a closed network
+    "--disable-component-update",
+    "--disable-sync",
+]
+TIMEOUT_MS = 180_000  # a render on two busy CPU cores
+
+
+def load_app():
+    if "app" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("app", ROOT / "app.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["app"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["app"]
+
+
+@pytest.fixture(scope="module")
+def served(studio):
+    app = load_app()
+    settings = studio.settings.with_(port=free_port())
+    demo = app.build_app(studio, settings)
+    _, url, _ = app.launch(demo, settings, block=False, quiet=True)
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory) -> Path:
+    folder = os.environ.get("STUDIO_SCREENSHOTS")
+    path = Path(folder) if folder else tmp_path_factory.mktemp("screenshots")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def browser_context(served):
+    with sync_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            tempfile.mkdtemp(prefix="studio-chromium-"),  # a fresh profile
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_FLAGS,
+            viewport={"width": 1400, "height": 1000},
+        )
+        context.foreign_requests = []
+        local = urlsplit(served).netloc
+
+        def only_local(route):
+            if urlsplit(route.request.url).netloc == local or route.request.url.startswith(("data:", "blob:")):
+                return route.continue_()
+            context.foreign_requests.append(route.request.url)
+            return route.abort()
+
+        context.route("**/*", only_local)
+        context.set_default_timeout(TIMEOUT_MS)
+        yield context
+        context.close()
+
+
+@pytest.fixture
+def page(browser_context, served):
+    page = browser_context.new_page()
+    page.goto(served)
+    page.wait_for_selector("#text_to_image-run")
+    yield page
+    page.close()
+    assert browser_context.foreign_requests == [], "the page tried to reach another server"
+
+
+def set_number(page, elem_id: str, value) -> None:
+    """Type into a number box (or a slider's box) until the page holds the value."""
+    box = page.locator(f"#{elem_id} input[type=number]").first
+    box.wait_for(state="visible")
+    for _ in range(20):
+        box.fill(str(value))
+        box.press("Enter")
+        page.wait_for_timeout(150)
+        if box.input_value() == str(value):
+            return
+    raise AssertionError(f"#{elem_id} did not take the value {value}")
+
+
+def fetch(page, url: str) -> bytes:
+    response = page.request.get(url)
+    assert response.ok, (url, response.status)
+    return response.body()
+
+
+def gallery_image_url(page, gallery_id: str, status_id: str, shots: Path) -> str:
+    """The first result image's URL, once it shows; an error toast or a timeout fails with what the page says."""
+    image = page.locator(f"#{gallery_id} img").first
+    deadline = TIMEOUT_MS / 1000
+    waited = 0.0
+    while not image.is_visible():
+        errors = page.locator(".toast-body").all_inner_texts()
+        if errors or waited > deadline:
+            page.screenshot(path=str(shots / f"{gallery_id}-failed.png"), full_page=True)
+            status = page.locator(f"#{status_id}").inner_text()
+            raise AssertionError(f"no result after {waited:.0f} s; status {status!r}; messages {errors}")
+        page.wait_for_timeout(250)
+        waited += 0.25
+    return image.get_attribute("src")
+
+
+def test_generate_on_the_text_tab(page, shots):
+    page.locator("#text_to_image-prompt textarea").fill("a large red circle")
+    set_number(page, "text_to_image-seed", 7)
+    set_number(page, "text_to_image-num_inference_steps", 2)
+    page.locator("#text_to_image-run").click()
+    url = gallery_image_url(page, "text_to_image-gallery", "text_to_image-status", shots)
+    page.wait_for_function(
+        "document.querySelector('#text_to_image-seed-used textarea, #text_to_image-seed-used input').value === '7'"
+    )
+    assert "Saved 1 image" in page.locator("#text_to_image-status").inner_text()
+    page.locator("#history img").first.wait_for(state="visible")  # the session history shows it too
+    page.screenshot(path=str(shots / "text_to_image.png"), full_page=True)
+
+    # What the browser downloads is the studio's PNG, metadata intact.
+    data = fetch(page, url)
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "PNG" and image.size == (64, 64)
+        assert "studio" in image.text and "a large red circle" in image.text["parameters"]
+    path = Path(tempfile.mkdtemp()) / "download.png"
+    path.write_bytes(data)
+    record = read_record(path)
+    assert record.request.prompt == "a large red circle" and record.seed == 7
+
+
+def test_inpaint_a_mask_painted_with_the_mouse(page, shots, tmp_path):
+    # A 128x128 scene: grey, a blue block on the left. The stroke goes on the right half.
+    size = 128
+    scene = Image.new("RGB", (size, size), (128, 128, 128))
+    scene.paste((40, 90, 225), (15, 40, 55, 90))
+    scene_path = tmp_path / "scene.png"
+    scene.save(scene_path)
+
+    page.get_by_role("tab", name="Inpaint").click()
+    editor = page.locator("#inpaint-image")
+    upload = editor.get_by_role("button", name="Upload").first
+    upload.wait_for(state="visible")  # the editor has mounted
+    zoom = editor.get_by_text("%", exact=False).first
+    before = zoom.inner_text()
+    with page.expect_file_chooser() as chooser:
+        upload.click()
+    chooser.value.set_files(str(scene_path))
+    # The editor fits the canvas to the uploaded image: its zoom changes once the image is drawn.
+    page.wait_for_function("([element, before]) => element.innerText !== before", arg=[zoom.element_handle(), before])
+    page.wait_for_timeout(500)
+    brush = editor.get_by_role("button", name="Brush", exact=True)
+    if "highlight" not in (brush.get_attribute("class") or ""):
+        brush.click()
+    canvas = editor.locator("canvas").last
+    box = canvas.bounding_box()
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx + 60, cy - 70)
+    page.mouse.down()
+    for step in range(1, 21):
+        page.mouse.move(cx + 60 + step * 5, cy - 70 + step * 7)
+    page.mouse.up()
+    page.screenshot(path=str(shots / "inpaint_painted.png"))
+
+    page.locator("#inpaint-prompt textarea").fill("a red circle")
+    page.locator("#inpaint-settings").get_by_text("Settings").first.click()
+    set_number(page, "inpaint-seed", 3)
+    set_number(page, "inpaint-num_inference_steps", 2)
+    set_number(page, "inpaint-mask_blur", 0)
+    page.locator("#inpaint-run").click()
+    url = gallery_image_url(page, "inpaint-gallery", "inpaint-status", shots)
+    page.screenshot(path=str(shots / "inpaint.png"), full_page=True)
+
+    result_path = tmp_path / "result.png"
+    result_path.write_bytes(fetch(page, url))
+    record = read_record(result_path)
+    assert record.request.task == "inpaint" and record.request.mask_blur == 0
+    mask = np.asarray(Image.open(record.request.mask_image).convert("L")) > 127
+    ys, xs = np.nonzero(mask)
+    assert len(xs) > 50, "the stroke did not reach the mask"
+    assert xs.min() >= size // 2 - 8, "the stroke was painted on the right half"
+    margin = 4
+    outside = np.ones(mask.shape, bool)
+    outside[max(ys.min() - margin, 0) : ys.max() + margin + 1, max(xs.min() - margin, 0) : xs.max() + margin + 1] = (
+        False
+    )
+    result = np.asarray(Image.open(result_path).convert("RGB"), dtype=np.int16)
+    original = np.asarray(scene, dtype=np.int16)
+    assert result.shape == original.shape
+    assert np.abs(result[outside] - original[outside]).max() == 0, "pixels outside the painted stroke changed"
+    assert np.abs(result[~outside] - original[~outside]).mean() > 1.0, "nothing was repainted"
+
+
+def test_cancel_stops_a_running_render(page, shots):
+    page.locator("#text_to_image-prompt textarea").fill("a slow one")
+    set_number(page, "text_to_image-num_inference_steps", 400)
+    set_number(page, "text_to_image-width", 256)
+    set_number(page, "text_to_image-height", 256)
+    page.locator("#text_to_image-run").click()
+    page.get_by_text("sampling").first.wait_for()  # the progress bar is up: the render is running
+    page.screenshot(path=str(shots / "progress.png"))
+    page.locator("#text_to_image-cancel").click()
+    page.wait_for_function(
+        "document.querySelector('#text_to_image-status').innerText.trim() === 'Cancelled.'", timeout=60_000
+    )
+    assert page.locator("#text_to_image-gallery img").count() == 0
+
+
+def test_png_info_sends_settings_to_their_tab(page, served, tmp_path, shots):
+    from gradio_client import Client
+
+    client = Client(served, verbose=False, download_files=str(tmp_path), analytics_enabled=False)
+    gallery, _, _ = client.predict(
+        prompt="a green triangle",
+        negative_prompt="blur",
+        seed=99,
+        num_inference_steps=3,
+        guidance_scale=5,
+        api_name="/text_to_image",
+    )
+    page.get_by_role("tab", name="PNG info").click()
+    drop = page.locator("#png-info-image")
+    with page.expect_file_chooser() as chooser:
+        drop.get_by_text("Drop Image Here").first.click()
+    chooser.value.set_files(gallery[0]["image"])
+    send = page.locator("#png-info-send:not([disabled])")
+    send.wait_for()
+    assert send.inner_text() == "Send to Text to image"
+    page.screenshot(path=str(shots / "png_info.png"), full_page=True)
+    send.click()
+    page.wait_for_function("document.querySelector('#text_to_image-prompt textarea').value === 'a green triangle'")
+    assert page.locator("#text_to_image-negative_prompt textarea").input_value() == "blur"
+    assert page.locator("#text_to_image-seed input").first.input_value() == "99"
+    assert page.locator("#text_to_image-num_inference_steps input[type=number]").first.input_value() == "3"
