@@ -12,9 +12,8 @@ from .requests import StudioInputError
 TEMP_PREFIX = ".studio-tmp-"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: readers see the old file or the new one."""
-    path = Path(path)
+def _write_temp_beside(path: Path, data: bytes) -> str:
+    """Write data, fsynced, to a temp file in path's folder (same file system, so rename is atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=path.parent)
     try:
@@ -22,6 +21,16 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    return temp_name
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: readers see the old file or the new one."""
+    temp_name = _write_temp_beside(Path(path), data)
+    try:
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
@@ -30,21 +39,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_new(path: Path, data: bytes) -> bool:
     """Like atomic_write_bytes, but never replaces an existing file; False if one was there."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".tmp", dir=path.parent)
+    temp_name = _write_temp_beside(Path(path), data)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.link(temp_name, path)  # fails if the target exists: no finished file is ever rewritten
-        except FileExistsError:
-            return False
-        return True
+        os.link(temp_name, path)  # fails if the target exists: no finished file is ever rewritten
+    except FileExistsError:
+        return False
     finally:
         Path(temp_name).unlink(missing_ok=True)
+    return True
 
 
 def remove_stale_temp_files(folder: Path) -> int:
