@@ -69,7 +69,7 @@ def test_resume_after_sigkill(sd15_folder, tmp_path):
     jobs = write_jobs(tmp_path / "jobs.jsonl", lines)
     out = tmp_path / "out"
     command = [sys.executable, "-m", "studio.cli", "batch", str(jobs), "--out", str(out), "--model", str(sd15_folder), "--quiet"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # tiny model: one thread, no spin-waiting
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = out / MANIFEST_NAME
     deadline = time.time() + 120
