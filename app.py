@@ -934,20 +934,6 @@ def _run_batch(ui: StudioUI, jobs, images, history, request, progress):
     )
 
 
-def _record_json(record) -> dict:
-    from studio.metadata import request_to_json
-
-    return {
-        "request": request_to_json(record.request),
-        "image_index": record.image_index,
-        "seed": record.seed,
-        "model": {"name": record.model_name, "hash": record.model_hash},
-        "sampler": record.sampler,
-        "input_hashes": record.input_hashes,
-        "environment": record.environment,
-    }
-
-
 def _build_png_info_tab(ui: StudioUI, tabs: gr.Tabs, task_tabs: dict[str, TaskTab]) -> None:
     with gr.Row(equal_height=False):
         with gr.Column(scale=4):
@@ -969,7 +955,7 @@ def _build_png_info_tab(ui: StudioUI, tabs: gr.Tabs, task_tabs: dict[str, TaskTa
 
     def png_info(image):
         """The settings a PNG carries: A1111's `parameters` text and the studio's record (request, seed, model)."""
-        from studio.metadata import PARAMETERS_KEY, read_record
+        from studio.metadata import PARAMETERS_KEY, read_record, record_to_json
 
         if not image:
             return "", None, None
@@ -984,7 +970,7 @@ def _build_png_info_tab(ui: StudioUI, tabs: gr.Tabs, task_tabs: dict[str, TaskTa
             ) from None
         except Exception:  # PIL on a non-image or a decompression bomb's header
             raise gr.Error("this is not a readable PNG", title="No settings found", print_exception=False) from None
-        data = _record_json(record)
+        data = record_to_json(record)
         return text, data, data
 
     def send_label(data):

@@ -220,23 +220,9 @@ def cmd_batch(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .metadata import read_record, request_to_json
+    from .metadata import read_record, record_to_json
 
-    record = read_record(args.image)
-    print(
-        json.dumps(
-            {
-                "request": request_to_json(record.request),
-                "image_index": record.image_index,
-                "seed": record.seed,
-                "model": {"name": record.model_name, "hash": record.model_hash},
-                "sampler": record.sampler,
-                "input_hashes": record.input_hashes,
-                "environment": record.environment,
-            },
-            indent=2,
-        )
-    )
+    print(json.dumps(record_to_json(read_record(args.image)), indent=2))
     return 0
 
 

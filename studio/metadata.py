@@ -93,12 +93,9 @@ def a1111_parameters(record: ImageRecord, width: int, height: int) -> str:
     return f"{text}\n{settings_line}"
 
 
-def png_bytes(image: Image.Image, record: ImageRecord) -> bytes:
-    """Encode an image as PNG with both metadata chunks."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text(PARAMETERS_KEY, a1111_parameters(record, image.width, image.height))
-    payload = {
-        "format": FORMAT_VERSION,
+def record_to_json(record: ImageRecord) -> dict:
+    """The record as plain JSON: what the `studio` chunk stores and what `studio info` prints."""
+    return {
         "request": request_to_json(record.request),
         "image_index": record.image_index,
         "seed": record.seed,
@@ -107,6 +104,13 @@ def png_bytes(image: Image.Image, record: ImageRecord) -> bytes:
         "sampler": record.sampler,
         "environment": record.environment,
     }
+
+
+def png_bytes(image: Image.Image, record: ImageRecord) -> bytes:
+    """Encode an image as PNG with both metadata chunks."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PARAMETERS_KEY, a1111_parameters(record, image.width, image.height))
+    payload = {"format": FORMAT_VERSION, **record_to_json(record)}
     info.add_itxt(STUDIO_KEY, json.dumps(payload, sort_keys=True))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
