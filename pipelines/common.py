@@ -33,6 +33,18 @@ def cpu_generators(seeds: list[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
 
 
+def sampling_kwargs(request: BaseRequest, seeds: list[int]) -> dict:
+    """The diffusers call arguments every task passes the same way; latents come out, the task decodes them."""
+    return dict(
+        negative_prompt=request.negative_prompt or None,
+        num_inference_steps=request.num_inference_steps,
+        guidance_scale=request.guidance_scale,
+        num_images_per_prompt=len(seeds),
+        generator=cpu_generators(seeds),
+        output_type="latent",
+    )
+
+
 def with_scheduler(context: TaskContext, loaded: LoadedModel, pipe, scheduler_name: str | None):
     """The pipeline with the requested sampler, as a new pipeline object: the cached one is never changed."""
     if scheduler_name is None:

@@ -29,8 +29,8 @@ from studio.requests import ImagicRequest, StudioInputError
 
 from .common import (
     TaskContext,
-    cpu_generators,
     decode_latents,
+    sampling_kwargs,
     to_pil,
     warn_if_truncated,
 )
@@ -350,16 +350,11 @@ def run(request: ImagicRequest, context: TaskContext, seeds: list[int]) -> list:
     pipe = context.models.derive(loaded, type(base), unet=unet, scheduler=fresh_scheduler(loaded, request.scheduler))
     context.progress.raise_if_cancelled()
     output = pipe(
-        negative_prompt=request.negative_prompt or None,
         width=width,
         height=height,
-        num_inference_steps=request.num_inference_steps,
-        guidance_scale=request.guidance_scale,
-        num_images_per_prompt=len(seeds),
-        generator=cpu_generators(seeds),
-        output_type="latent",
         callback_on_step_end=context.progress.diffusers_callback("sampling", request.num_inference_steps),
         **embeds,
+        **sampling_kwargs(request, seeds),
     )
     context.progress.raise_if_cancelled()
 

@@ -36,7 +36,15 @@ from PIL import Image
 from studio.requests import InpaintRequest, StudioInputError
 
 from . import masks
-from .common import TaskContext, cpu_generators, decode_latents, default_size, to_pil, warn_if_truncated, with_scheduler
+from .common import (
+    TaskContext,
+    decode_latents,
+    default_size,
+    sampling_kwargs,
+    to_pil,
+    warn_if_truncated,
+    with_scheduler,
+)
 
 
 @dataclass
@@ -172,18 +180,13 @@ def run(request: InpaintRequest, context: TaskContext, seeds: list[int]) -> list
     context.progress.raise_if_cancelled()
     output = pipe(
         prompt=request.prompt,
-        negative_prompt=request.negative_prompt or None,
         image=model_image,
         mask_image=masks.mask_to_image(model_mask),
         width=work_w,
         height=work_h,
         strength=request.strength,
-        num_inference_steps=request.num_inference_steps,
-        guidance_scale=request.guidance_scale,
-        num_images_per_prompt=len(seeds),
-        generator=cpu_generators(seeds),
-        output_type="latent",
         callback_on_step_end=context.progress.diffusers_callback("inpainting", steps),
+        **sampling_kwargs(request, seeds),
     )
     context.progress.raise_if_cancelled()
 

@@ -37,7 +37,7 @@ from studio.progress import GenerationCancelled
 from studio.requests import SketchToImageRequest, StudioInputError
 from studio.schedulers import make_scheduler
 
-from .common import TaskContext, cpu_generators, decode_latents, to_pil, warn_if_truncated
+from .common import TaskContext, decode_latents, sampling_kwargs, to_pil, warn_if_truncated
 
 DARK_ON_LIGHT = "dark_on_light"  # what a person draws with a pen on paper
 LIGHT_ON_DARK = "light_on_dark"  # scribble ControlNets and T2I sketch adapters
@@ -307,12 +307,7 @@ def run(request: SketchToImageRequest, context: TaskContext, seeds: list[int]) -
     width, height = output_size(request, native, sketch)
     common = dict(
         prompt=request.prompt,
-        negative_prompt=request.negative_prompt or None,
-        num_inference_steps=request.num_inference_steps,
-        guidance_scale=request.guidance_scale,
-        num_images_per_prompt=len(seeds),
-        generator=cpu_generators(seeds),
-        output_type="latent",
+        **sampling_kwargs(request, seeds),
     )
 
     # 2. the pipeline and its sketch input

@@ -33,8 +33,8 @@ from studio.requests import StudioInputError, StyleTransferRequest
 
 from .common import (
     TaskContext,
-    cpu_generators,
     decode_latents,
+    sampling_kwargs,
     to_pil,
     warn_if_truncated,
 )
@@ -499,15 +499,10 @@ def run(request: StyleTransferRequest, context: TaskContext, seeds: list[int]) -
     steps = effective_steps(request.num_inference_steps, request.strength)
     call = dict(
         prompt=request.prompt,
-        negative_prompt=request.negative_prompt or None,
         image=image,
         strength=request.strength,
-        num_inference_steps=request.num_inference_steps,
-        guidance_scale=request.guidance_scale,
-        num_images_per_prompt=len(seeds),
-        generator=cpu_generators(seeds),
-        output_type="latent",
         callback_on_step_end=context.progress.diffusers_callback("sampling", steps),
+        **sampling_kwargs(request, seeds),
     )
     context.progress.raise_if_cancelled()
 

@@ -6,9 +6,9 @@ from studio.requests import StudioInputError, TextToImageRequest
 
 from .common import (
     TaskContext,
-    cpu_generators,
     decode_latents,
     default_size,
+    sampling_kwargs,
     to_pil,
     warn_if_truncated,
     with_scheduler,
@@ -39,15 +39,10 @@ def run(request: TextToImageRequest, context: TaskContext, seeds: list[int]) -> 
     context.progress.raise_if_cancelled()
     output = pipe(
         prompt=request.prompt,
-        negative_prompt=request.negative_prompt or None,
         width=width,
         height=height,
-        num_inference_steps=request.num_inference_steps,
-        guidance_scale=request.guidance_scale,
-        num_images_per_prompt=len(seeds),
-        generator=cpu_generators(seeds),
-        output_type="latent",
         callback_on_step_end=context.progress.diffusers_callback("sampling", request.num_inference_steps),
+        **sampling_kwargs(request, seeds),
     )
     context.progress.raise_if_cancelled()
 
