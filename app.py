@@ -19,6 +19,7 @@ import inspect
 import io
 import logging
 import os
+import queue
 import re
 import secrets
 import shutil
@@ -75,6 +76,7 @@ SHORT_TITLES = {
 PROMPT_LABELS = {"imagic": "prompt (the target text)", "style_transfer": "prompt (the style, in words)"}
 DEFAULT_SCHEDULER = "model default"
 HISTORY_LIMIT = 200  # images kept in a session's history gallery
+PREVIEW_SECONDS = 0.25  # the least time between two live previews of one job
 # Brush colours: the toy world's palette (the embedded model knows these) plus black, white and grey.
 SKETCH_COLORS = ["#000000", "#ffffff", "#808080", "#dc1e1e", "#fa8700", "#f0dc00", "#1ea53c", "#285ae1", "#912dc8"]
 MASK_COLOR = ("#ff00ff", 0.6)
@@ -367,28 +369,59 @@ class StudioUI:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         return str(self.outputs / f"{stamp}-{task}-{secrets.token_hex(3)}-{{index}}-{{seed}}.png")
 
-    def run(self, task: str, fields: dict, session: str, progress: gr.Progress):
-        """Build the request, run it on the device, save the PNGs; returns (paths, result)."""
+    def stream(self, task: str, fields: dict, session: str, progress: gr.Progress):
+        """Build the request, run it on the device, save the PNGs; returns (paths, result).
+
+        A generator: while the job samples in a worker thread it yields live previews (PIL images,
+        at most every PREVIEW_SECONDS) and reports steps to `progress`, both from this thread,
+        the one gradio gave the event. Closing the generator (the browser went away) cancels the job.
+        """
         from studio.core import make_request
 
         request = make_request(task, **fields)  # StudioInputError names the bad field and value
         cancel = threading.Event()
         self.jobs[session] = cancel
+        events: queue.Queue = queue.Queue()
+        outcome: dict = {}
+        last_preview = [0.0]
 
         def on_update(stage, step, total, preview=None):
-            progress((step, total), desc=f"{stage.replace('_', ' ')}", unit="steps")
+            events.put(("progress", (step, total), stage.replace("_", " ")))
+            if preview is not None and time.monotonic() - last_preview[0] >= PREVIEW_SECONDS:
+                last_preview[0] = time.monotonic()
+                image = preview()
+                if image is not None:
+                    events.put(("preview", image, None))
 
+        def work():
+            try:
+                events.put(("progress", 0, "waiting for the device"))
+                with self.device_lock:
+                    quiet_libraries()
+                    events.put(("progress", 0, "starting (the first run loads the model)"))
+                    result = self.studio.run(request, SessionProgress(on_update, cancel))
+                outcome["value"] = result.save(self.output_target(task), overwrite=False), result
+            except BaseException as error:  # re-raised in the event's thread below
+                outcome["error"] = error
+            finally:
+                events.put(None)
+
+        worker = threading.Thread(target=work, name=f"studio-{task}", daemon=True)
+        worker.start()
         try:
-            progress(0, desc="waiting for the device")
-            with self.device_lock:
-                quiet_libraries()
-                progress(0, desc="starting (the first run loads the model)")
-                result = self.studio.run(request, SessionProgress(on_update, cancel))
-            target = self.output_target(task)
-            paths = result.save(target, overwrite=False)
+            while (event := events.get()) is not None:
+                kind, value, desc = event
+                if kind == "preview":
+                    yield value
+                else:
+                    progress(value, desc=desc, unit="steps")
         finally:
+            if worker.is_alive():
+                cancel.set()
             self.jobs.pop(session, None)
-        return paths, result
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
 
     def cancel(self, session: str) -> bool:
         flag = self.jobs.get(session)
@@ -466,9 +499,9 @@ def with_signature(name: str, parameters: list[str], doc: str, body):
     `history` is a gr.State, which the API neither shows nor asks for.
     """
 
-    def function(*args):
+    def function(*args):  # a generator, so gradio streams what body yields (live previews, then the result)
         *values, history, request, progress = args
-        return body(dict(zip(parameters, values)), history, request, progress)
+        yield from body(dict(zip(parameters, values)), history, request, progress)
 
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     signature = [inspect.Parameter(p, kind, default=None) for p in [*parameters, "history"]]
@@ -479,6 +512,19 @@ def with_signature(name: str, parameters: list[str], doc: str, body):
     function.__name__ = function.__qualname__ = name
     function.__doc__ = doc
     return function
+
+
+def _show_previews(stream):
+    """Yield each preview image of a `StudioUI.stream` as a tab's outputs (only the gallery changes).
+
+    Returns what the stream returns: (paths, result).
+    """
+    while True:
+        try:
+            image = next(stream)
+        except StopIteration as done:
+            return done.value
+        yield [(image, "preview")], gr.skip(), gr.skip(), gr.skip(), gr.skip()
 
 
 def _add_history(new: list, history) -> list:
@@ -727,10 +773,11 @@ def _build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
     def body(values: dict, hist, request, progress):
         try:
             fields = tab.fields(values, ui)
-            paths, result = ui.run(task, fields, _session(request), progress)
+            paths, result = yield from _show_previews(ui.stream(task, fields, _session(request), progress))
         except GenerationCancelled:
             gr.Warning("Cancelled; nothing was finished, so nothing was saved.")
-            return gr.skip(), gr.skip(), "Cancelled.", gr.skip(), gr.skip()
+            yield [], gr.skip(), "Cancelled.", gr.skip(), gr.skip()  # no half-sampled preview left as a result
+            return
         except gr.Error:
             raise
         except Exception as error:
@@ -743,7 +790,7 @@ def _build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
             status += f"\n\n⚠️ {warning}"
             gr.Warning(warning)
         kept = {**values, "seed": result.seeds[0]}
-        return (
+        yield (
             [(str(path), caption) for path, caption in zip(paths, captions)],
             ", ".join(str(seed) for seed in result.seeds),
             status,
@@ -779,8 +826,9 @@ def _build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
         # Moving η re-renders from the cached fine-tune: same image, text and seed; only η changes.
         def rerender(last, eta, hist, request: gr.Request, progress=gr.Progress()):
             if not last:
-                return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-            return body({**last, "eta": eta}, hist, request, progress)
+                yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                return
+            yield from body({**last, "eta": eta}, hist, request, progress)
 
         tab.extra_events.append(
             tab.inputs["eta"].release(

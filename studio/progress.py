@@ -6,6 +6,7 @@ flag the sampling loop checks after every step.
 
 from __future__ import annotations
 
+import functools
 import threading
 
 
@@ -14,7 +15,11 @@ class GenerationCancelled(Exception):
 
 
 class Progress:
-    """Receives (stage, step, total) updates; subclass or pass `on_update` to show them."""
+    """Receives (stage, step, total, preview) updates; subclass or pass `on_update` to show them.
+
+    `preview`, when not None, is a function of no arguments returning a PIL picture of the
+    current latents (see studio.previews); only those who show previews pay for calling it.
+    """
 
     def __init__(self, on_update=None):
         self._on_update = on_update
@@ -37,9 +42,12 @@ class Progress:
 
     def diffusers_callback(self, stage: str, total: int):
         """A `callback_on_step_end` for diffusers pipelines: reports each step, stops after a cancel."""
+        from studio.previews import latent_preview  # torch: imported once a pipeline runs, not with this module
 
         def callback(pipe, step_index, timestep, callback_kwargs):
-            self.update(stage, step_index + 1, total)
+            latents = callback_kwargs.get("latents")
+            preview = None if latents is None else functools.partial(latent_preview, pipe, latents)
+            self.update(stage, step_index + 1, total, preview)
             if self.cancelled:
                 pipe._interrupt = True  # diffusers skips the remaining steps
             return callback_kwargs

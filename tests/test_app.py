@@ -101,6 +101,17 @@ def test_text_to_image_returns_pngs_whose_metadata_holds_the_request(client, ser
         assert written.read_bytes() == path.read_bytes()
 
 
+def test_live_previews_stream_before_the_result(client):
+    job = client.submit(prompt="a red circle", seed=5, num_inference_steps=3, api_name="/text_to_image")
+    gallery, _, status = job.result()
+    outputs = job.outputs()
+    assert "Saved 1 image" in status and len(outputs) >= 2, outputs
+    preview = outputs[0][0]
+    assert [item["caption"] for item in preview] == ["preview"]
+    assert Image.open(preview[0]["image"]).size == (64, 64)  # the tiny model's latents, decoded
+    assert outputs[-1][0] == gallery  # then the saved PNGs replace it
+
+
 def test_random_seed_is_reported(client):
     _, seeds, _ = generate(client, seed=-1)
     assert seeds.isdigit()

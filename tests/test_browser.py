@@ -128,16 +128,18 @@ def fetch(page, url: str) -> bytes:
 
 
 def gallery_image_url(page, gallery_id: str, status_id: str, shots: Path) -> str:
-    """The first result image's URL, once it shows; an error toast or a timeout fails with what the page says."""
+    """The first result image's URL, once the run is saved (live previews show before it);
+    an error toast or a timeout fails with what the page says."""
     image = page.locator(f"#{gallery_id} img").first
+    status = page.locator(f"#{status_id}")
     deadline = TIMEOUT_MS / 1000
     waited = 0.0
-    while not image.is_visible():
+    while not (image.is_visible() and "Saved" in status.inner_text()):
         errors = page.locator(".toast-body").all_inner_texts()
         if errors or waited > deadline:
             page.screenshot(path=str(shots / f"{gallery_id}-failed.png"), full_page=True)
-            status = page.locator(f"#{status_id}").inner_text()
-            raise AssertionError(f"no result after {waited:.0f} s; status {status!r}; messages {errors}")
+            text = status.inner_text()
+            raise AssertionError(f"no result after {waited:.0f} s; status {text!r}; messages {errors}")
         page.wait_for_timeout(250)
         waited += 0.25
     return image.get_attribute("src")
@@ -236,12 +238,13 @@ def test_cancel_stops_a_running_render(page, shots):
     set_number(page, "text_to_image-height", 256)
     page.locator("#text_to_image-run").click()
     page.get_by_text("sampling").first.wait_for()  # the progress bar is up: the render is running
+    page.locator("#text_to_image-gallery img").first.wait_for()  # a live preview of the latents
     page.screenshot(path=str(shots / "progress.png"))
     page.locator("#text_to_image-cancel").click()
     page.wait_for_function(
         "document.querySelector('#text_to_image-status').innerText.trim() === 'Cancelled.'", timeout=60_000
     )
-    assert page.locator("#text_to_image-gallery img").count() == 0
+    assert page.locator("#text_to_image-gallery img").count() == 0  # the preview goes: nothing was finished
 
 
 def test_png_info_sends_settings_to_their_tab(page, served, tmp_path, shots):

@@ -67,6 +67,32 @@ def test_cancel_stops_and_raises(studio):
     assert seen == [1]  # stopped after the first step
 
 
+def _previews_of(studio, **fields):
+    previews = []
+    progress = Progress(on_update=lambda stage, step, total, preview: previews.append((step, preview())))
+    result = studio.text_to_image("a red circle", seed=3, num_inference_steps=4, progress=progress, **fields)
+    return previews, result.images[0]
+
+
+def test_previews_show_the_image_being_sampled(studio):
+    previews, final = _previews_of(studio)
+    assert [step for step, _ in previews] == [1, 2, 3, 4]
+    # Small latents are decoded by the model's VAE: the last step's preview is the result itself.
+    assert previews[-1][1].size == final.size
+    assert np.abs(pixels(previews[-1][1]) - pixels(final)).max() <= 1
+    assert np.abs(pixels(previews[0][1]) - pixels(final)).mean() > 1.0  # the first step is still noise
+
+
+def test_large_latents_get_the_cheap_linear_preview(studio, monkeypatch):
+    from studio import previews as previews_module
+
+    monkeypatch.setattr(previews_module, "VAE_PREVIEW_MAX_CELLS", 0)
+    previews, final = _previews_of(studio)
+    latent_side = final.size[0] // studio.models.get(None).pipe.vae_scale_factor  # one pixel per latent cell
+    assert previews[-1][1].size == (latent_side, latent_side)
+    assert np.ptp(pixels(previews[-1][1])) > 0
+
+
 def test_non_finite_decode_is_refused_not_saved(sd15_folder, tmp_path):
     from studio import Settings, Studio
 
