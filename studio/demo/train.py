@@ -14,16 +14,18 @@ Stages (each one's result is kept under ``<work>/components/``):
    latents of the whole training set are cached and ``scaling_factor`` is set
    to 1/std of those latents.
 3. ``unet``: a ``UNet2DConditionModel`` latent diffusion model conditioned on
-   the frozen CLIP text encoder's last hidden states; v-prediction, min-SNR-5
-   loss weighting, warm-up + cosine LR, EMA weights, 10% caption dropout for
-   classifier-free guidance.  Every few minutes it draws held-out prompts and
-   scores them with ShapesEval, and exports the folder.
+   the CLIP text encoder's last hidden states, the text encoder fine-tuned with
+   it (contrastive training leaves "left" and "right" nearly the same vector);
+   v-prediction, min-SNR-5 loss weighting, warm-up + cosine LR, EMA weights,
+   10% caption dropout for classifier-free guidance.  Every few minutes it draws
+   held-out prompts and scores them with ShapesEval, and exports the folder.
 4. ``controlnet``: a ``ControlNetModel`` (initialised from the UNet) trained on
-   (sketch, caption) -> image with the UNet frozen.
+   (sketch, caption) -> image with the UNet and text encoder frozen.
 
 The export is a standard diffusers StableDiffusionPipeline folder (plus
-``controlnet/`` and ``clip_image_encoder/``), written beside the target and
-swapped in atomically so readers never see a half-written model.
+``controlnet/`` and ``clip_image_encoder/`` with its contrastive text tower),
+written beside the target and swapped in atomically so readers never see a
+half-written model.
 
 Everything is seeded; batches and noise are functions of (seed, stage, step),
 so a resumed run continues exactly as an uninterrupted one would.
@@ -676,7 +678,8 @@ def clip_scores(model_dir: str | Path, images, prompts: list[str]) -> list[float
 
     model_dir = Path(model_dir)
     tok = CLIPTokenizer.from_pretrained(str(model_dir / "tokenizer"))
-    text = CLIPTextModel.from_pretrained(str(model_dir / "text_encoder")).eval()
+    contrastive = model_dir / "clip_image_encoder" / "text_encoder"
+    text = CLIPTextModel.from_pretrained(str(contrastive if contrastive.is_dir() else model_dir / "text_encoder")).eval()
     vision = CLIPVisionModelWithProjection.from_pretrained(str(model_dir / "clip_image_encoder")).eval()
     proj = load_file(str(model_dir / "clip_image_encoder" / "text_projection.safetensors"))["text_projection.weight"]
     arr = np.stack([np.asarray(im.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))) for im in images])
@@ -838,12 +841,19 @@ def shapes_eval(images, scenes) -> dict | None:
     return {k: round(float(v), 3) for k, v in res.items()}
 
 
-def build_pipeline(work: Work, unet, tokenizer, controlnet=None):
+def pipeline_text_encoder(work: Work) -> Path:
+    """The text encoder the UNet is conditioned on: the one fine-tuned with it, else the contrastive one."""
+    tuned = work.component("text_encoder_tuned")
+    return tuned if tuned.exists() else work.component("text_encoder")
+
+
+def build_pipeline(work: Work, unet, tokenizer, controlnet=None, text=None):
     from diffusers import AutoencoderKL, StableDiffusionControlNetPipeline, StableDiffusionPipeline
     from transformers import CLIPTextModel
 
     vae = AutoencoderKL.from_pretrained(str(work.component("vae"))).eval()
-    text = CLIPTextModel.from_pretrained(str(work.component("text_encoder"))).eval()
+    if text is None:
+        text = CLIPTextModel.from_pretrained(str(pipeline_text_encoder(work))).eval()
     common = dict(
         vae=vae,
         text_encoder=text,
@@ -920,6 +930,11 @@ def export(work: Work, out: Path) -> bool:
     for name, src in comps.items():
         if src.exists():
             shutil.copytree(src, tmp / name)
+    if work.component("text_encoder_tuned").exists():
+        # The pipeline gets the text encoder fine-tuned with the UNet; CLIP scores need the
+        # contrastive tower that was trained against the image encoder, so it goes beside it.
+        shutil.move(tmp / "text_encoder", tmp / "clip_image_encoder" / "text_encoder")
+        shutil.copytree(work.component("text_encoder_tuned"), tmp / "text_encoder")
     make_scheduler().save_pretrained(tmp / "scheduler")
     index = {
         "_class_name": "StableDiffusionPipeline",
@@ -987,8 +1002,6 @@ class LatentBatcher:
         self.sched = train_noise_scheduler()
         ac = self.sched.alphas_cumprod
         self.snr = ac / (1 - ac)
-        with torch.no_grad():
-            self.uncond = self.text(tokenize(tokenizer, [""]))[0]
 
     def __call__(self, step: int, batch: int):
         import torch
@@ -1001,9 +1014,9 @@ class LatentBatcher:
         latents = (mean + std * torch.randn(mean.shape, generator=gen)) * self.scaling
         captions = [self.data.captions[i] for i in idx]
         drop = rng.random(batch) < self.args.cfg_dropout
-        with torch.no_grad():
+        captions = ["" if dropped else caption for caption, dropped in zip(captions, drop)]
+        with torch.set_grad_enabled(self.text.training):  # the UNet stage may fine-tune the text encoder
             emb = self.text(tokenize(self.tok, captions))[0]
-        emb[torch.from_numpy(drop)] = self.uncond
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, self.sched.config.num_train_timesteps, (batch,), generator=gen)
         noisy = self.sched.add_noise(latents, noise, t)
@@ -1015,28 +1028,38 @@ def load_frozen(work: Work):
     from diffusers import AutoencoderKL
     from transformers import CLIPTextModel
 
-    text = CLIPTextModel.from_pretrained(str(work.component("text_encoder"))).eval().requires_grad_(False)
+    text = CLIPTextModel.from_pretrained(str(pipeline_text_encoder(work))).eval().requires_grad_(False)
     vae = AutoencoderKL.from_pretrained(str(work.component("vae"))).eval().requires_grad_(False)
     return text, vae
 
 
 def stage_unet(args, work: Work, data: Data, tokenizer, stopper: Stopper) -> bool:
     import torch
+    from transformers import CLIPTextModel
 
     spec = SPECS["unet"]
     if args.unet_steps:
         spec = StageSpec(args.unet_steps, spec.batch, spec.lr, min(spec.warmup, args.unet_steps // 5 + 1))
-    text, vae = load_frozen(work)
+    _, vae = load_frozen(work)
     means, stds = load_latents(work, data, vae)
     unet = make_unet()
     ema = EMA(unet, args.ema_decay)
     opt = torch.optim.AdamW(unet.parameters(), lr=spec.lr, weight_decay=0.01)
+    # The contrastive text encoder barely tells "left" from "right" (a matching caption
+    # needs little position), so it is fine-tuned with the UNet, with its own optimiser and EMA.
+    text = CLIPTextModel.from_pretrained(str(work.component("text_encoder"))).requires_grad_(True).train()
+    text_ema = EMA(text, args.ema_decay)
+    text_opt = torch.optim.AdamW(text.parameters(), lr=spec.lr * args.text_lr_scale, weight_decay=0.01)
     start, best = 0, None
     ck = load_ckpt(work.ckpt("unet"))
     if ck:
         unet.load_state_dict(ck["model"])
         ema.model.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
+        if "text" in ck:  # (checkpoints from before the joint fine-tune start it from the contrastive one)
+            text.load_state_dict(ck["text"])
+            text_ema.model.load_state_dict(ck["text_ema"])
+            text_opt.load_state_dict(ck["text_opt"])
         start, best = ck["step"], ck.get("best")
         log(f"[unet] resuming at step {start}")
     n_params = sum(p.numel() for p in unet.parameters())
@@ -1048,14 +1071,24 @@ def stage_unet(args, work: Work, data: Data, tokenizer, stopper: Stopper) -> boo
 
     def save(step):
         atomic_torch_save(
-            {"model": unet.state_dict(), "ema": ema.model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best},
+            {
+                "model": unet.state_dict(),
+                "ema": ema.model.state_dict(),
+                "opt": opt.state_dict(),
+                "text": text.state_dict(),
+                "text_ema": text_ema.model.state_dict(),
+                "text_opt": text_opt.state_dict(),
+                "step": step,
+                "best": best,
+            },
             work.ckpt("unet"),
         )
 
     def evaluate_and_export(step, n):
         save_component(ema.model, work.component("unet"))
+        save_component(text_ema.model, work.component("text_encoder_tuned"))
         atomic_write_text(work.component("unet") / "training.json", json.dumps({"step": step, "of": spec.steps}))
-        pipe = build_pipeline(work, ema.model, tokenizer)
+        pipe = build_pipeline(work, ema.model, tokenizer, text=text_ema.model)
         res = evaluate_model(pipe, data, n, args.seed, args.guidance)
         res.update(step=step, guidance=args.guidance, time=time.strftime("%H:%M:%S"))
         log(f"[unet] ShapesEval step {step} (EMA, {n} held-out prompts, cfg {args.guidance}): {res}")
@@ -1070,14 +1103,20 @@ def stage_unet(args, work: Work, data: Data, tokenizer, stopper: Stopper) -> boo
         lr = lr_at(step, spec)
         for g in opt.param_groups:
             g["lr"] = lr
+        for g in text_opt.param_groups:
+            g["lr"] = lr * args.text_lr_scale
         _, noisy, t, emb, target, snr = batcher(step, spec.batch)
         pred = unet(noisy, t, emb).sample
         loss = diffusion_loss(pred, target, snr)
         opt.zero_grad(set_to_none=True)
+        text_opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(text.parameters(), 1.0)
         opt.step()
+        text_opt.step()
         ema.update(unet, step)
+        text_ema.update(text, step)
         prog.update(step, loss.item(), lr)
         if ckpt_timer.due():
             save(step + 1)
@@ -1191,6 +1230,7 @@ def parse_args(argv):
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--cfg-dropout", type=float, default=0.1)
     p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--text-lr-scale", type=float, default=0.5, help="text encoder lr / UNet lr in the UNet stage")
     p.add_argument("--unet-steps", type=int, default=None, help="override the UNet stage length")
     p.add_argument("--redo", action="store_true", help="run the given stage again even if marked done")
     return p.parse_args(argv)
