@@ -17,29 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-
-def build_random_sd15(folder: Path) -> Path:
-    """An SD1.5-architecture pipeline with random weights, saved as a diffusers folder."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from studio.single_file import shipped_config
-
-    torch.manual_seed(0)
-    with shipped_config("sd15") as config:
-        pipe = StableDiffusionPipeline(
-            unet=UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config / "unet")),
-            vae=AutoencoderKL.from_config(AutoencoderKL.load_config(config / "vae")),
-            text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(config / "text_encoder")),
-            tokenizer=CLIPTokenizer.from_pretrained(config / "tokenizer"),
-            scheduler=EulerDiscreteScheduler.from_pretrained(config / "scheduler"),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-    pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
+from tasks_cpu import build_random_sd15  # (benchmarks/ is on sys.path when a script here runs)
 
 
 def main() -> None:
@@ -56,9 +34,11 @@ def main() -> None:
     prompt, seed, guidance = "a photo of an astronaut riding a horse", 1234, 7.5
     with tempfile.TemporaryDirectory() as tmp:
         print("building a random-weight SD1.5-architecture model ...", flush=True)
-        folder = build_random_sd15(Path(tmp) / "sd15-random")
+        folder = build_random_sd15(Path(tmp) / "sd15-random", controlnet=False)
 
-        plain = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None)
+        plain = StableDiffusionPipeline.from_pretrained(
+            folder, local_files_only=True, safety_checker=None, torch_dtype=torch.float32  # as the studio on CPU
+        )
         plain.set_progress_bar_config(disable=True)
         studio = Studio(Settings(model=str(folder)))
 
