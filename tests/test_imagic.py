@@ -1,12 +1,11 @@
 """Imagic on tiny in-code models (mechanics), and on the embedded model (does a red circle turn blue?)."""
 
-import hashlib
 import random
 import time
 
 import numpy as np
 import pytest
-from PIL import Image
+from helpers import noise_image, pixels, unet_fingerprint
 
 from pipelines.imagic import (
     FULL_FINETUNE_LR,
@@ -21,23 +20,6 @@ from studio.settings import EMBEDDED_MODEL_DIR
 
 # Small enough for 2 CPU cores, large enough that training visibly costs more than sampling.
 FAST = dict(num_inference_steps=3, embedding_steps=6, finetune_steps=6)
-
-
-def pixels(image):
-    return np.asarray(image, dtype=np.int16)
-
-
-def noise_image(seed: int, size=(64, 64)) -> Image.Image:
-    return Image.fromarray((np.random.RandomState(seed).rand(size[1], size[0], 3) * 255).astype("uint8"))
-
-
-def unet_fingerprint(unet) -> tuple:
-    """Every parameter's bytes, dtype and flags, and which processor object sits in every attention layer."""
-    digest = hashlib.sha256()
-    for name, param in unet.named_parameters():
-        digest.update(f"{name}:{param.dtype}:{param.requires_grad}:{param.grad is None}".encode())
-        digest.update(param.detach().cpu().numpy().tobytes())
-    return digest.hexdigest(), {name: (type(p).__name__, id(p)) for name, p in unet.attn_processors.items()}
 
 
 class Stages(Progress):

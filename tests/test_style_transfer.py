@@ -1,35 +1,16 @@
 """Style transfer on tiny in-code models (mechanics), and on the embedded model (does it restyle?)."""
 
-import hashlib
 import random
 
 import numpy as np
 import pytest
-from PIL import Image
+from helpers import noise_image, pixels, unet_fingerprint
 
 from studio.progress import GenerationCancelled, Progress
 from studio.requests import StudioInputError
 from studio.settings import EMBEDDED_MODEL_DIR
 
 STEPS = 4  # strength 0.6 -> 2 denoising steps: enough to see every mechanism, cheap on 2 CPU cores
-
-
-def pixels(image):
-    return np.asarray(image, dtype=np.int16)
-
-
-def noise_image(seed: int, size=(64, 64)) -> Image.Image:
-    return Image.fromarray((np.random.RandomState(seed).rand(size[1], size[0], 3) * 255).astype("uint8"))
-
-
-def unet_fingerprint(unet) -> tuple:
-    """Every parameter's bytes, dtype and flags, and which processor object sits in every attention layer."""
-    digest = hashlib.sha256()
-    for name, param in unet.named_parameters():
-        digest.update(f"{name}:{param.dtype}:{param.requires_grad}:{param.grad is None}".encode())
-        digest.update(param.detach().cpu().numpy().tobytes())
-    processors = unet.attn_processors
-    return digest.hexdigest(), {name: (type(p).__name__, id(p)) for name, p in processors.items()}
 
 
 @pytest.fixture(scope="module")
