@@ -16,7 +16,7 @@ Stages (each one's result is kept under ``<work>/components/``):
 3. ``unet``: a ``UNet2DConditionModel`` latent diffusion model conditioned on
    the CLIP text encoder's last hidden states, the text encoder fine-tuned with
    it (contrastive training leaves "left" and "right" nearly the same vector);
-   v-prediction, min-SNR-5 loss weighting, warm-up + cosine LR, EMA weights,
+   v-prediction, min-SNR-5-style loss weighting (floored at 1 on noisy steps), warm-up + cosine LR, EMA weights,
    10% caption dropout for classifier-free guidance.  Every few minutes it draws
    held-out prompts and scores them with ShapesEval, and exports the folder.
 4. ``controlnet``: a ``ControlNetModel`` (initialised from the UNet) trained on
@@ -985,10 +985,16 @@ class EMA:
 
 
 def diffusion_loss(model_out, target, snr, gamma: float = 5.0):
-    """min-SNR-gamma weighted MSE for v-prediction: w = min(snr, gamma) / (snr + 1)."""
+    """v-prediction MSE, weighted w = min(snr + 1, gamma + 1) / (snr + 1).
+
+    In x0 terms the weight is min(snr + 1, gamma + 1): min-SNR's cap on the nearly clean
+    timesteps, but never below 1 at the noisy ones, where the layout is decided. Plain
+    min-SNR for v-prediction (min(snr, gamma) / (snr + 1), as in diffusers' scripts) weighs
+    t ~ 999 by snr ~ 0.005, and the model then ignored "left" and "right".
+    """
     import torch
 
-    w = torch.clamp(snr, max=gamma) / (snr + 1)
+    w = torch.clamp(snr + 1, max=gamma + 1) / (snr + 1)
     per = (model_out.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
     return (per * w).mean()
 
