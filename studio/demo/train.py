@@ -1145,6 +1145,8 @@ def stage_controlnet(args, work: Work, data: Data, tokenizer, stopper: Stopper) 
     from diffusers import UNet2DConditionModel
 
     spec = SPECS["controlnet"]
+    if args.controlnet_steps:
+        spec = StageSpec(args.controlnet_steps, spec.batch, spec.lr, min(spec.warmup, args.controlnet_steps // 5 + 1))
     text, vae = load_frozen(work)
     means, stds = load_latents(work, data, vae)
     unet = UNet2DConditionModel.from_pretrained(str(work.component("unet"))).eval().requires_grad_(False)
@@ -1238,6 +1240,7 @@ def parse_args(argv):
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--text-lr-scale", type=float, default=0.5, help="text encoder lr / UNet lr in the UNet stage")
     p.add_argument("--unet-steps", type=int, default=None, help="override the UNet stage length")
+    p.add_argument("--controlnet-steps", type=int, default=None, help="override the ControlNet stage length")
     p.add_argument("--redo", action="store_true", help="run the given stage again even if marked done")
     return p.parse_args(argv)
 
