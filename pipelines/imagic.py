@@ -45,7 +45,9 @@ from .style_transfer import (
 
 CACHE_SIZE = 2  # trained states kept per loaded model
 CACHE_KEY = "imagic:cache"  # where the cache lives in LoadedModel.derived (cleared when the model is freed)
-FULL_FINETUNE_LR = 2e-6  # the community script's
+FULL_FINETUNE_LR = 2e-6  # the community script's, for SD-sized UNets (860M parameters and up)
+SMALL_UNET_FINETUNE_LR = 1e-4  # a UNet under SMALL_UNET_PARAMETERS barely moves at 2e-6 in 1000 steps
+SMALL_UNET_PARAMETERS = 100_000_000  # (the embedded model's has 4M)
 LORA_FINETUNE_LR = 1e-4
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -61,10 +63,15 @@ def check_inputs(request: ImagicRequest, context: TaskContext) -> None:
         context.warnings.append("use_lora has no effect with finetune_steps 0 (no fine-tuning)")
 
 
-def finetune_lr(request: ImagicRequest) -> float:
+def finetune_lr(request: ImagicRequest, unet=None) -> float:
+    """The request's stage-2 learning rate, or the default for its method and the UNet's size."""
     if request.finetune_lr is not None:
         return request.finetune_lr
-    return LORA_FINETUNE_LR if request.use_lora else FULL_FINETUNE_LR
+    if request.use_lora:
+        return LORA_FINETUNE_LR
+    if unet is not None and sum(p.numel() for p in unet.parameters()) < SMALL_UNET_PARAMETERS:
+        return SMALL_UNET_FINETUNE_LR
+    return FULL_FINETUNE_LR
 
 
 # --------------------------------------------------------------------------- the cache of trained states
@@ -124,7 +131,7 @@ def cache_key(request: ImagicRequest, loaded, image, size, seed: int) -> tuple:
         request.embedding_steps,
         request.embedding_lr,
         request.finetune_steps,
-        finetune_lr(request) if request.finetune_steps else 0.0,
+        finetune_lr(request, loaded.pipe.unet) if request.finetune_steps else 0.0,
         lora,
         seed,
     )
@@ -263,7 +270,7 @@ def finetune(loaded, trainer: Trainer, optimised: dict, request: ImagicRequest, 
         unet = clone_unet(base, share_weights=False, dtype=torch.float32).to(loaded.device)
         unet.requires_grad_(True)
         params = list(unet.parameters())
-    optimiser = torch.optim.Adam(params, lr=finetune_lr(request))
+    optimiser = torch.optim.Adam(params, lr=finetune_lr(request, base))
     unet.train()
     try:
         for step in range(total):

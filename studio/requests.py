@@ -198,7 +198,7 @@ class ImagicRequest(BaseRequest):
     embedding_lr: float = Field(1e-3, gt=0.0, le=1.0, description="Stage 1 learning rate.")
     finetune_steps: int = Field(1000, ge=0, le=20_000, description="Stage 2: model fine-tuning steps.")
     finetune_lr: float | None = Field(
-        None, gt=0.0, le=1.0, description="Stage 2 learning rate; None: 2e-6 for the full UNet, 1e-4 for a LoRA."
+        None, gt=0.0, le=1.0, description="Stage 2 learning rate; None: 2e-6 for a full SD-sized UNet (1e-4 under 100M parameters), 1e-4 for a LoRA."
     )
     use_lora: bool = Field(False, description="Fine-tune a LoRA instead of the full UNet (faster, smaller).")
     lora_rank: int = Field(4, ge=1, le=256, description="LoRA rank when use_lora is set.")

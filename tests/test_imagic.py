@@ -5,10 +5,12 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from helpers import noise_image, pixels, unet_fingerprint
 
 from pipelines.imagic import (
     FULL_FINETUNE_LR,
+    SMALL_UNET_FINETUNE_LR,
     LORA_FINETUNE_LR,
     LoRALinear,
     finetune_lr,
@@ -55,6 +57,8 @@ def test_learning_rate_defaults_depend_on_the_method():
     assert finetune_lr(ImagicRequest(prompt="x", image="x.png")) == FULL_FINETUNE_LR == 2e-6
     assert finetune_lr(ImagicRequest(prompt="x", image="x.png", use_lora=True)) == LORA_FINETUNE_LR
     assert finetune_lr(ImagicRequest(prompt="x", image="x.png", use_lora=True, finetune_lr=3e-3)) == 3e-3
+    small_unet = torch.nn.Linear(10, 10)  # a small UNet (the embedded model's: 4M) needs a larger step
+    assert finetune_lr(ImagicRequest(prompt="x", image="x.png"), small_unet) == SMALL_UNET_FINETUNE_LR
 
 
 def test_stages_reproducibility_and_the_cached_model_untouched(fresh_studio, image_path):

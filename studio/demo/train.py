@@ -179,8 +179,8 @@ class StageSpec:
 SPECS = {
     "clip": StageSpec(steps=1200, batch=64, lr=5e-4, warmup=100),
     "vae": StageSpec(steps=4000, batch=32, lr=1e-3, warmup=100),
-    "unet": StageSpec(steps=5000, batch=32, lr=5e-4, warmup=300),
-    "controlnet": StageSpec(steps=1500, batch=32, lr=2e-4, warmup=100),
+    "unet": StageSpec(steps=6000, batch=32, lr=5e-4, warmup=300),
+    "controlnet": StageSpec(steps=1000, batch=32, lr=2e-4, warmup=100),
 }
 
 
