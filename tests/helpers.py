@@ -1,6 +1,9 @@
 """Small helpers shared by the task tests."""
 
 import hashlib
+import importlib.util
+import sys
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -21,3 +24,13 @@ def unet_fingerprint(unet) -> tuple:
         digest.update(f"{name}:{param.dtype}:{param.requires_grad}:{param.grad is None}".encode())
         digest.update(param.detach().cpu().numpy().tobytes())
     return digest.hexdigest(), {name: (type(p).__name__, id(p)) for name, p in unet.attn_processors.items()}
+
+
+def load_app():
+    """app.py lives at the repository root, outside the package; import it once as module `app`."""
+    if "app" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("app", Path(__file__).resolve().parent.parent / "app.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["app"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["app"]

@@ -11,7 +11,6 @@ import importlib.util
 import io
 import json
 import os
-import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from helpers import load_app
 from PIL import Image
 
 pytest.importorskip("gradio")
@@ -32,18 +32,7 @@ from studio.progress import GenerationCancelled  # noqa: E402
 from studio.server import check_exposure, free_port, parse_auth  # noqa: E402
 from studio.settings import EMBEDDED_MODEL_DIR  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-
-
-def load_app():
-    """app.py lives at the repository root, outside the package."""
-    if "app" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("app", ROOT / "app.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["app"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["app"]
 
 
 def pipeline_exists(task: str) -> bool:

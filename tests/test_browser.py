@@ -9,16 +9,15 @@ The page may reach only the studio's own server; any other request fails the tes
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
-import sys
 import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
+from helpers import load_app
 from PIL import Image
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -32,7 +31,6 @@ pytest.importorskip("gradio")
 from studio.metadata import read_record  # noqa: E402
 from studio.server import free_port  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -44,15 +42,6 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
 ]
 TIMEOUT_MS = 180_000  # a render on two busy CPU cores
-
-
-def load_app():
-    if "app" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("app", ROOT / "app.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["app"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["app"]
 
 
 @pytest.fixture(scope="module")
