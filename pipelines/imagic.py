@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -241,28 +242,35 @@ class Trainer:
         return F.mse_loss(prediction.float(), target.to(device).float())
 
 
-def optimise_embedding(unet, trainer: Trainer, target: dict, request: ImagicRequest, progress) -> dict:
-    """Stage 1: the embedding that reconstructs the image, the (shared, frozen) model untouched."""
-    embeds = {name: tensor.detach().float().clone().requires_grad_(True) for name, tensor in target.items()}
-    params = list(embeds.values())
-    optimiser = torch.optim.Adam(params, lr=request.embedding_lr)
-    total = request.embedding_steps
+def fit(loss_of, params: list, lr: float, total: int, stage: str, progress) -> None:
+    """`total` Adam steps on `params` alone, reporting each step and stopping after a cancel.
+
+    Gradients come from autograd.grad for `params` only, so no .grad lands on a shared model;
+    a parameter the loss does not reach (an unused layer) gets none and is left as it is.
+    """
+    optimiser = torch.optim.Adam(params, lr=lr)
     for step in range(total):
-        loss = trainer.loss(unet, embeds)
-        grads = torch.autograd.grad(loss, params)  # only the embedding's: no .grad lands on the shared model
+        grads = torch.autograd.grad(loss_of(), params, allow_unused=True)
         for param, grad in zip(params, grads):
             param.grad = grad
         optimiser.step()
         optimiser.zero_grad(set_to_none=True)
-        progress.update("imagic: embedding", step + 1, total)
+        progress.update(stage, step + 1, total)
         progress.raise_if_cancelled()
+
+
+def optimise_embedding(unet, trainer: Trainer, target: dict, request: ImagicRequest, progress) -> dict:
+    """Stage 1: the embedding that reconstructs the image, the (shared, frozen) model untouched."""
+    embeds = {name: tensor.detach().float().clone().requires_grad_(True) for name, tensor in target.items()}
+    params = list(embeds.values())
+    stage = "imagic: embedding"
+    fit(partial(trainer.loss, unet, embeds), params, request.embedding_lr, request.embedding_steps, stage, progress)
     return {name: tensor.detach() for name, tensor in embeds.items()}
 
 
 def finetune(loaded, trainer: Trainer, optimised: dict, request: ImagicRequest, progress):
     """Stage 2: the model fitted to (image, optimised embedding), as a new UNet; the shared one is untouched."""
     base = loaded.pipe.unet
-    total = request.finetune_steps
     if request.use_lora:
         unet = clone_unet(base, share_weights=True)
         params = add_lora(unet, request.lora_rank, trainer.generator)
@@ -270,21 +278,12 @@ def finetune(loaded, trainer: Trainer, optimised: dict, request: ImagicRequest, 
         unet = clone_unet(base, share_weights=False, dtype=torch.float32).to(loaded.device)
         unet.requires_grad_(True)
         params = list(unet.parameters())
-    optimiser = torch.optim.Adam(params, lr=finetune_lr(request, base))
     unet.train()
     try:
-        for step in range(total):
-            loss = trainer.loss(unet, optimised)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)  # a layer may be unused (None)
-            for param, grad in zip(params, grads):
-                param.grad = grad
-            optimiser.step()
-            optimiser.zero_grad(set_to_none=True)
-            progress.update("imagic: fine-tune", step + 1, total)
-            progress.raise_if_cancelled()
+        lr, steps = finetune_lr(request, base), request.finetune_steps
+        fit(partial(trainer.loss, unet, optimised), params, lr, steps, "imagic: fine-tune", progress)
     finally:
         unet.eval()
-    del optimiser
     unet.requires_grad_(False)
     if not request.use_lora:
         unet.to(loaded.dtype)  # sampled like the shared model
