@@ -103,3 +103,62 @@ def test_export_loads_as_stable_diffusion(tmp_path, tokenizer):
     assert (out / "clip_image_encoder" / "text_projection.safetensors").exists()
     size_mb = sum(f.stat().st_size for f in out.rglob("*.safetensors")) / 1e6
     assert size_mb <= 40, size_mb
+
+
+def test_layout_labels_name_the_position_or_relation():
+    labels = train.layout_labels(
+        ["a red circle", "a blue square on the left", "a tiny green dot in the middle", "a red circle above a blue square"]
+    )
+    positions, relations = world.POSITIONS, world.RELATIONS
+    assert labels.tolist() == [
+        0,
+        1 + positions.index("left"),
+        1 + positions.index("center"),
+        1 + len(positions) + relations.index("above"),
+    ]
+
+
+def test_layout_probe_moves_position_into_the_end_of_text_states(tokenizer):
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    config = train.text_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.model_max_length)
+    text = CLIPTextModel(config).train()
+    head = torch.nn.Linear(train.TEXT_WIDTH, 1 + len(world.POSITIONS) + len(world.RELATIONS))
+    captions = ["a red circle on the left", "a red circle on the right", "a red circle at the top", "a red circle"]
+    ids = train.tokenize(tokenizer, captions)
+    labels = torch.from_numpy(train.layout_labels(captions))
+    last_eos = ids.shape[1] - 1  # a padding (end-of-text) position, where the UNet mostly looks
+
+    def left_right_gap():
+        with torch.no_grad():
+            hidden = text(ids)[0]
+        return (hidden[0, last_eos] - hidden[1, last_eos]).norm().item()
+
+    gap_before = left_right_gap()
+    opt = torch.optim.AdamW([*text.parameters(), *head.parameters()], lr=3e-3)
+    losses = []
+    for _ in range(15):
+        loss = train.layout_loss(head, text(ids)[0], ids, tokenizer.eos_token_id, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+    assert left_right_gap() > 2 * gap_before
+
+
+def test_seed_from_export_reuses_clip_and_vae(tmp_path):
+    model = train.Path(__file__).resolve().parents[1] / "assets" / "embedded-model"
+    if not (model / "clip_image_encoder" / "text_encoder").exists():
+        pytest.skip("the embedded model is not in this checkout")
+    work = train.Work(tmp_path / "work")
+    train.seed_from_export(work, model)
+    assert work.done("clip") and work.done("vae") and not work.done("unet")
+    contrastive = (model / "clip_image_encoder" / "text_encoder" / "model.safetensors").read_bytes()
+    assert (work.component("text_encoder") / "model.safetensors").read_bytes() == contrastive
+    assert not (work.component("clip_image_encoder") / "text_encoder").exists()
+    for name in ("tokenizer", "vae"):
+        assert sorted(p.name for p in work.component(name).iterdir()) == sorted(p.name for p in (model / name).iterdir())
+    with pytest.raises(ValueError, match="clip_image_encoder"):
+        train.seed_from_export(train.Work(tmp_path / "other"), tmp_path)

@@ -462,6 +462,29 @@ class Work:
             os.fsync(fh.fileno())
 
 
+def seed_from_export(work: Work, model_dir: Path) -> None:
+    """Start a work dir from an exported model's tokenizer, contrastive CLIP and VAE (clip and vae marked done).
+
+    Retraining the UNet (and ControlNet) then skips the first two stages; the export's
+    training.json carries their original records.
+    """
+    model_dir = Path(model_dir)
+    contrastive_text = model_dir / "clip_image_encoder" / "text_encoder"
+    if not contrastive_text.exists():
+        raise ValueError(f"{model_dir} has no clip_image_encoder/text_encoder: not an export of this script")
+    for name, src in (("tokenizer", model_dir / "tokenizer"), ("vae", model_dir / "vae"), ("text_encoder", contrastive_text)):
+        if not work.component(name).exists():
+            shutil.copytree(src, work.component(name))
+    if not work.component("clip_image_encoder").exists():
+        shutil.copytree(model_dir / "clip_image_encoder", work.component("clip_image_encoder"), ignore=shutil.ignore_patterns("text_encoder"))
+    records = json.loads((model_dir / "training.json").read_text(encoding="utf-8")).get("state", {})
+    for stage in ("clip", "vae"):
+        if not work.done(stage):
+            info = {k: v for k, v in records.get(stage, {}).items() if k not in ("done", "time")}
+            work.mark(stage, seeded_from=str(model_dir), **info)
+    log(f"work dir {work.root} seeded with the tokenizer, CLIP and VAE of {model_dir}")
+
+
 def load_ckpt(path: Path):
     import torch
 
@@ -999,6 +1022,34 @@ def diffusion_loss(model_out, target, snr, gamma: float = 5.0):
     return (per * w).mean()
 
 
+def layout_labels(captions: list[str]) -> np.ndarray:
+    """Per caption, which layout it asserts: 0 none, then each of world.POSITIONS, then each of world.RELATIONS."""
+    from studio.demo import world
+
+    labels = np.zeros(len(captions), np.int64)
+    for i, caption in enumerate(captions):
+        claims = world.parse_claims(caption)
+        if claims["relation"]:
+            labels[i] = 1 + len(world.POSITIONS) + world.RELATIONS.index(claims["relation"]["relation"])
+        elif claims["objects"][0].get("position"):
+            labels[i] = 1 + world.POSITIONS.index(claims["objects"][0]["position"])
+    return labels
+
+
+def layout_loss(head, hidden, input_ids, eos_id: int, labels):
+    """Cross-entropy of a linear probe reading the layout word from the end-of-text states.
+
+    The UNet's cross-attention puts most of its weight on the end-of-text (padding) states
+    and almost none on the position word itself, and contrastive CLIP training leaves
+    position out of those states; this pushes it in, where the UNet already looks.
+    """
+    import torch
+
+    after_eos = torch.cumsum(input_ids == eos_id, dim=1) > 0
+    pooled = (hidden * after_eos[..., None]).sum(1) / after_eos.sum(1, keepdim=True)
+    return torch.nn.functional.cross_entropy(head(pooled), labels)
+
+
 class LatentBatcher:
     def __init__(self, args, data: Data, tokenizer, text_encoder, means, stds, scaling: float, stage: str):
         import torch
@@ -1008,26 +1059,36 @@ class LatentBatcher:
         self.sched = train_noise_scheduler()
         ac = self.sched.alphas_cumprod
         self.snr = ac / (1 - ac)
+        self.labels = layout_labels(data.captions)
+        self.weights = None
+        if args.layout_oversample != 1.0:
+            w = np.where(self.labels > 0, args.layout_oversample, 1.0)
+            self.weights = w / w.sum()
 
     def __call__(self, step: int, batch: int):
         import torch
 
         rng = step_rng(self.args.seed, self.stage, step)
         gen = step_generator(self.args.seed, self.stage, step)
-        idx = rng.integers(0, self.data.n, batch)
+        if self.weights is None:
+            idx = rng.integers(0, self.data.n, batch)
+        else:
+            idx = rng.choice(self.data.n, batch, p=self.weights)
         mean = torch.from_numpy(self.means[idx].astype(np.float32))
         std = torch.from_numpy(self.stds[idx].astype(np.float32))
         latents = (mean + std * torch.randn(mean.shape, generator=gen)) * self.scaling
         captions = [self.data.captions[i] for i in idx]
         drop = rng.random(batch) < self.args.cfg_dropout
         captions = ["" if dropped else caption for caption, dropped in zip(captions, drop)]
+        ids = tokenize(self.tok, captions)
         with torch.set_grad_enabled(self.text.training):  # the UNet stage may fine-tune the text encoder
-            emb = self.text(tokenize(self.tok, captions))[0]
+            emb = self.text(ids)[0]
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, self.sched.config.num_train_timesteps, (batch,), generator=gen)
         noisy = self.sched.add_noise(latents, noise, t)
         target = self.sched.get_velocity(latents, noise, t)
-        return idx, noisy, t, emb, target, self.snr[t]
+        labels = torch.from_numpy(np.where(drop, 0, self.labels[idx]))
+        return idx, noisy, t, emb, target, self.snr[t], ids, labels
 
 
 def load_frozen(work: Work):
@@ -1043,28 +1104,38 @@ def stage_unet(args, work: Work, data: Data, tokenizer, stopper: Stopper) -> boo
     import torch
     from transformers import CLIPTextModel
 
+    from diffusers import UNet2DConditionModel
+
     spec = SPECS["unet"]
-    if args.unet_steps:
-        spec = StageSpec(args.unet_steps, spec.batch, spec.lr, min(spec.warmup, args.unet_steps // 5 + 1))
+    if args.unet_steps or args.unet_lr:
+        steps = args.unet_steps or spec.steps
+        spec = StageSpec(steps, spec.batch, args.unet_lr or spec.lr, min(spec.warmup, steps // 5 + 1))
     _, vae = load_frozen(work)
     means, stds = load_latents(work, data, vae)
-    unet = make_unet()
-    ema = EMA(unet, args.ema_decay)
-    opt = torch.optim.AdamW(unet.parameters(), lr=spec.lr, weight_decay=0.01)
     # The contrastive text encoder barely tells "left" from "right" (a matching caption
     # needs little position), so it is fine-tuned with the UNet, with its own optimiser and EMA.
-    text = CLIPTextModel.from_pretrained(str(work.component("text_encoder"))).requires_grad_(True).train()
-    text_ema = EMA(text, args.ema_decay)
-    text_opt = torch.optim.AdamW(text.parameters(), lr=spec.lr * args.text_lr_scale, weight_decay=0.01)
+    if args.finetune_from:
+        unet = UNet2DConditionModel.from_pretrained(str(args.finetune_from / "unet"))
+        text = CLIPTextModel.from_pretrained(str(args.finetune_from / "text_encoder"))
+    else:
+        unet = make_unet()
+        text = CLIPTextModel.from_pretrained(str(work.component("text_encoder")))
+    text.requires_grad_(True).train()
+    ema, text_ema = EMA(unet, args.ema_decay), EMA(text, args.ema_decay)
+    layout_head = torch.nn.Linear(TEXT_WIDTH, 1 + len(data.world.POSITIONS) + len(data.world.RELATIONS))
+    opt = torch.optim.AdamW(unet.parameters(), lr=spec.lr, weight_decay=0.01)
+    text_params = [*text.parameters(), *layout_head.parameters()]
+    text_opt = torch.optim.AdamW(text_params, lr=spec.lr * args.text_lr_scale, weight_decay=0.01)
     start, best = 0, None
     ck = load_ckpt(work.ckpt("unet"))
     if ck:
         unet.load_state_dict(ck["model"])
         ema.model.load_state_dict(ck["ema"])
         opt.load_state_dict(ck["opt"])
-        if "text" in ck:  # (checkpoints from before the joint fine-tune start it from the contrastive one)
-            text.load_state_dict(ck["text"])
-            text_ema.model.load_state_dict(ck["text_ema"])
+        text.load_state_dict(ck["text"])
+        text_ema.model.load_state_dict(ck["text_ema"])
+        if "layout_head" in ck:
+            layout_head.load_state_dict(ck["layout_head"])
             text_opt.load_state_dict(ck["text_opt"])
         start, best = ck["step"], ck.get("best")
         log(f"[unet] resuming at step {start}")
@@ -1084,6 +1155,7 @@ def stage_unet(args, work: Work, data: Data, tokenizer, stopper: Stopper) -> boo
                 "text": text.state_dict(),
                 "text_ema": text_ema.model.state_dict(),
                 "text_opt": text_opt.state_dict(),
+                "layout_head": layout_head.state_dict(),
                 "step": step,
                 "best": best,
             },
@@ -1111,19 +1183,20 @@ def stage_unet(args, work: Work, data: Data, tokenizer, stopper: Stopper) -> boo
             g["lr"] = lr
         for g in text_opt.param_groups:
             g["lr"] = lr * args.text_lr_scale
-        _, noisy, t, emb, target, snr = batcher(step, spec.batch)
+        _, noisy, t, emb, target, snr, ids, labels = batcher(step, spec.batch)
         pred = unet(noisy, t, emb).sample
         loss = diffusion_loss(pred, target, snr)
+        probe = layout_loss(layout_head, emb, ids, tokenizer.eos_token_id, labels)
         opt.zero_grad(set_to_none=True)
         text_opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + args.layout_loss * probe).backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        torch.nn.utils.clip_grad_norm_(text.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(text_params, 1.0)
         opt.step()
         text_opt.step()
         ema.update(unet, step)
         text_ema.update(text, step)
-        prog.update(step, loss.item(), lr)
+        prog.update(step, loss.item(), lr, f" layout-probe {probe.item():.3f}")
         if ckpt_timer.due():
             save(step + 1)
         if eval_timer.due() and step + 1 >= min(spec.warmup, spec.steps):
@@ -1174,7 +1247,7 @@ def stage_controlnet(args, work: Work, data: Data, tokenizer, stopper: Stopper) 
         lr = lr_at(step, spec)
         for g in opt.param_groups:
             g["lr"] = lr
-        idx, noisy, t, emb, target, snr = batcher(step, spec.batch)
+        idx, noisy, t, emb, target, snr, _, _ = batcher(step, spec.batch)
         cond = sketches_to_tensor(data.sketches[idx])
         down, mid = controlnet(noisy, t, encoder_hidden_states=emb, controlnet_cond=cond, return_dict=False)
         pred = unet(noisy, t, emb, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
@@ -1240,8 +1313,22 @@ def parse_args(argv):
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--text-lr-scale", type=float, default=0.5, help="text encoder lr / UNet lr in the UNet stage")
     p.add_argument("--unet-steps", type=int, default=None, help="override the UNet stage length")
+    p.add_argument("--unet-lr", type=float, default=None, help="override the UNet stage's peak learning rate")
+    p.add_argument(
+        "--finetune-from", type=Path, default=None, help="start the UNet stage from this export's unet and text_encoder"
+    )
+    p.add_argument(
+        "--layout-loss", type=float, default=0.1, help="weight of the layout-word probe on the text encoder's end-of-text states"
+    )
+    p.add_argument("--layout-oversample", type=float, default=1.0, help="sampling weight of captions that assert a layout")
     p.add_argument("--controlnet-steps", type=int, default=None, help="override the ControlNet stage length")
     p.add_argument("--redo", action="store_true", help="run the given stage again even if marked done")
+    p.add_argument(
+        "--seed-from",
+        type=Path,
+        default=None,
+        help="an exported model whose tokenizer, CLIP and VAE start the work dir (skips those stages)",
+    )
     return p.parse_args(argv)
 
 
@@ -1262,6 +1349,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "export":
         return 0 if export(work, args.out) else 1
     stopper = Stopper(args.minutes)
+    if args.seed_from is not None:
+        seed_from_export(work, args.seed_from)
     tokenizer = tokenizer_for(work)
     data = Data(work.root, args.train_size, args.seed)
     stages = STAGES if args.stage == "all" else (args.stage,)
