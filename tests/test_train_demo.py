@@ -162,3 +162,36 @@ def test_seed_from_export_reuses_clip_and_vae(tmp_path):
         assert sorted(p.name for p in work.component(name).iterdir()) == sorted(p.name for p in (model / name).iterdir())
     with pytest.raises(ValueError, match="clip_image_encoder"):
         train.seed_from_export(train.Work(tmp_path / "other"), tmp_path)
+
+
+class _StopAt(train.Stopper):
+    """Stops the first time the loop asks at the given step (as a kill between steps would)."""
+
+    def __init__(self, stop_at: int | None):
+        super().__init__(None)
+        self.calls, self.stop_at = 0, stop_at
+
+    def should_stop(self) -> bool:
+        self.calls += 1
+        return self.calls == self.stop_at
+
+
+def test_a_stopped_stage_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    monkeypatch.setitem(train.SPECS, "vae", train.StageSpec(steps=6, batch=4, lr=1e-3, warmup=2))
+    monkeypatch.setattr(train, "vae_eval", lambda vae, data, n=200: {"psnr": 0.0})  # the eval is not under test
+    args = train.parse_args(["--train-size", "16"])
+
+    def run(work_dir, stoppers):
+        torch.manual_seed(args.seed)  # as `main` does: the same initial weights in every process
+        work = train.Work(work_dir)
+        data = train.Data(tmp_path / "data", 16, args.seed)
+        results = [train.stage_vae(args, work, data, stopper) for stopper in stoppers]
+        return results, load_file(str(work.component("vae") / "diffusion_pytorch_model.safetensors"))
+
+    straight_results, straight = run(tmp_path / "straight", [_StopAt(None)])
+    resumed_results, resumed = run(tmp_path / "resumed", [_StopAt(4), _StopAt(None)])
+    assert straight_results == [True] and resumed_results == [False, True]
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)

@@ -42,7 +42,6 @@ import math
 import os
 import shutil
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -497,6 +496,40 @@ def load_ckpt(path: Path):
         return None
 
 
+class Checkpoint:
+    """A stage's resumable state: named parts (anything with state_dict/load_state_dict) and the step."""
+
+    def __init__(self, work: Work, stage: str, **parts):
+        self.path, self.stage, self.parts = work.ckpt(stage), stage, parts
+
+    def resume(self) -> int:
+        """Load every part from the checkpoint, if there is one; the step to continue from."""
+        ck = load_ckpt(self.path)
+        if not ck:
+            return 0
+        for name, part in self.parts.items():
+            part.load_state_dict(ck[name])
+        log(f"[{self.stage}] resuming at step {ck['step']}")
+        return ck["step"]
+
+    def save(self, step: int) -> None:
+        atomic_torch_save({**{name: part.state_dict() for name, part in self.parts.items()}, "step": step}, self.path)
+
+
+def optimiser_step(loss, lr: float, *trained: tuple) -> None:
+    """Backward, then for each (parameters, optimiser, lr scale): clip the gradient to norm 1, step at lr x scale."""
+    import torch
+
+    for _, opt, _ in trained:
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    for params, opt, scale in trained:
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        for group in opt.param_groups:
+            group["lr"] = lr * scale
+        opt.step()
+
+
 def tokenizer_for(work: Work):
     from studio.demo import tokenizer as tok_mod
 
@@ -581,36 +614,23 @@ def stage_clip(args, work: Work, data: Data, tokenizer, stopper: Stopper) -> boo
     spec = SPECS["clip"]
     model = make_clip(tokenizer)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=0.1, betas=(0.9, 0.98), eps=1e-6)
-    start = 0
-    ck = load_ckpt(work.ckpt("clip"))
-    if ck:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        start = ck["step"]
-        log(f"[clip] resuming at step {start}")
+    ckpt = Checkpoint(work, "clip", model=model, opt=opt)
+    start = ckpt.resume()
     n_params = sum(p.numel() for p in model.parameters())
     log(f"[clip] CLIPModel {n_params / 1e6:.2f}M params; {spec.steps} steps of {spec.batch}")
     model.train()
     ckpt_timer, prog = Every(args.ckpt_minutes), Progress("clip", start, spec.steps, every=25)
 
-    def save(step):
-        atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step}, work.ckpt("clip"))
-
     for step in range(start, spec.steps):
         if stopper.should_stop():
-            save(step)
+            ckpt.save(step)
             return False
         rng = step_rng(args.seed, "clip", step)
         idx = clip_batch(data, rng, spec.batch)
         caps = [data.captions[i] for i in idx]
         lr = lr_at(step, spec)
-        for g in opt.param_groups:
-            g["lr"] = lr
         loss = clip_loss(model, images_to_tensor(data.images[idx]), tokenize(tokenizer, caps, "longest"), caps)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        optimiser_step(loss, lr, (model.parameters(), opt, 1.0))
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         prog.update(step, loss.item(), lr, f" T {1 / model.logit_scale.exp().item():.3f}")
@@ -619,8 +639,8 @@ def stage_clip(args, work: Work, data: Data, tokenizer, stopper: Stopper) -> boo
             log(f"[clip] eval step {step + 1}: {metrics}")
             work.append_history("clip", {"step": step + 1, **metrics})
         if ckpt_timer.due():
-            save(step + 1)
-    save(spec.steps)
+            ckpt.save(step + 1)
+    ckpt.save(spec.steps)
     export_clip(model, work)
     metrics = clip_eval(model, tokenizer, data)
     work.mark("clip", steps=spec.steps, **metrics)
@@ -756,45 +776,32 @@ def stage_vae(args, work: Work, data: Data, stopper: Stopper) -> bool:
     spec = SPECS["vae"]
     vae = make_vae()
     opt = torch.optim.AdamW(vae.parameters(), lr=spec.lr, weight_decay=0.0)
-    start = 0
-    ck = load_ckpt(work.ckpt("vae"))
-    if ck:
-        vae.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        start = ck["step"]
-        log(f"[vae] resuming at step {start}")
+    ckpt = Checkpoint(work, "vae", model=vae, opt=opt)
+    start = ckpt.resume()
     log(f"[vae] AutoencoderKL {sum(p.numel() for p in vae.parameters()) / 1e6:.2f}M params; {spec.steps} steps of {spec.batch}")
     vae.train()
     ckpt_timer, prog = Every(args.ckpt_minutes), Progress("vae", start, spec.steps, every=25)
 
-    def save(step):
-        atomic_torch_save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step}, work.ckpt("vae"))
-
     for step in range(start, spec.steps):
         if stopper.should_stop():
-            save(step)
+            ckpt.save(step)
             return False
         rng = step_rng(args.seed, "vae", step)
         idx = rng.integers(0, data.n, spec.batch)
         lr = lr_at(step, spec)
-        for g in opt.param_groups:
-            g["lr"] = lr
         # The VAE is fully convolutional: train on 32x32 crops (4x cheaper), aligned to the latent grid.
         ys, xs = rng.integers(0, (IMAGE_SIZE - VAE_CROP) // 4 + 1, (2, spec.batch)) * 4
         crops = np.stack([data.images[i, y : y + VAE_CROP, x : x + VAE_CROP] for i, y, x in zip(idx, ys, xs)])
         loss, mse = vae_loss(vae, images_to_tensor(crops), step_generator(args.seed, "vae", step))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
+        optimiser_step(loss, lr, (vae.parameters(), opt, 1.0))
         prog.update(step, loss.item(), lr)
         if (step + 1) % 500 == 0:
             metrics = vae_eval(vae, data, 100)
             log(f"[vae] eval step {step + 1}: {metrics}")
             work.append_history("vae", {"step": step + 1, **metrics})
         if ckpt_timer.due():
-            save(step + 1)
-    save(spec.steps)
+            ckpt.save(step + 1)
+    ckpt.save(spec.steps)
     # Cache the latent distribution of every training image, and set scaling_factor = 1/std.
     stats = cache_latents(vae, data, work)
     vae.register_to_config(scaling_factor=stats["scaling_factor"])
@@ -1052,8 +1059,6 @@ def layout_loss(head, hidden, input_ids, eos_id: int, labels):
 
 class LatentBatcher:
     def __init__(self, args, data: Data, tokenizer, text_encoder, means, stds, scaling: float, stage: str):
-        import torch
-
         self.args, self.data, self.tok, self.text = args, data, tokenizer, text_encoder
         self.means, self.stds, self.scaling, self.stage = means, stds, scaling, stage
         self.sched = train_noise_scheduler()
@@ -1126,41 +1131,16 @@ def stage_unet(args, work: Work, data: Data, tokenizer, stopper: Stopper) -> boo
     opt = torch.optim.AdamW(unet.parameters(), lr=spec.lr, weight_decay=0.01)
     text_params = [*text.parameters(), *layout_head.parameters()]
     text_opt = torch.optim.AdamW(text_params, lr=spec.lr * args.text_lr_scale, weight_decay=0.01)
-    start, best = 0, None
-    ck = load_ckpt(work.ckpt("unet"))
-    if ck:
-        unet.load_state_dict(ck["model"])
-        ema.model.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        text.load_state_dict(ck["text"])
-        text_ema.model.load_state_dict(ck["text_ema"])
-        if "layout_head" in ck:
-            layout_head.load_state_dict(ck["layout_head"])
-            text_opt.load_state_dict(ck["text_opt"])
-        start, best = ck["step"], ck.get("best")
-        log(f"[unet] resuming at step {start}")
+    ckpt = Checkpoint(
+        work, "unet", model=unet, ema=ema.model, opt=opt, text=text, text_ema=text_ema.model, text_opt=text_opt, layout_head=layout_head
+    )
+    start = ckpt.resume()
     n_params = sum(p.numel() for p in unet.parameters())
     log(f"[unet] UNet2DConditionModel {n_params / 1e6:.2f}M params; {spec.steps} steps of {spec.batch}")
     unet.train()
     batcher = LatentBatcher(args, data, tokenizer, text, means, stds, vae.config.scaling_factor, "unet")
     ckpt_timer, eval_timer = Every(args.ckpt_minutes), Every(args.eval_minutes)
     prog = Progress("unet", start, spec.steps, every=25)
-
-    def save(step):
-        atomic_torch_save(
-            {
-                "model": unet.state_dict(),
-                "ema": ema.model.state_dict(),
-                "opt": opt.state_dict(),
-                "text": text.state_dict(),
-                "text_ema": text_ema.model.state_dict(),
-                "text_opt": text_opt.state_dict(),
-                "layout_head": layout_head.state_dict(),
-                "step": step,
-                "best": best,
-            },
-            work.ckpt("unet"),
-        )
 
     def evaluate_and_export(step, n):
         save_component(ema.model, work.component("unet"))
@@ -1176,34 +1156,24 @@ def stage_unet(args, work: Work, data: Data, tokenizer, stopper: Stopper) -> boo
 
     for step in range(start, spec.steps):
         if stopper.should_stop():
-            save(step)
+            ckpt.save(step)
             return False
         lr = lr_at(step, spec)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        for g in text_opt.param_groups:
-            g["lr"] = lr * args.text_lr_scale
         _, noisy, t, emb, target, snr, ids, labels = batcher(step, spec.batch)
         pred = unet(noisy, t, emb).sample
         loss = diffusion_loss(pred, target, snr)
         probe = layout_loss(layout_head, emb, ids, tokenizer.eos_token_id, labels)
-        opt.zero_grad(set_to_none=True)
-        text_opt.zero_grad(set_to_none=True)
-        (loss + args.layout_loss * probe).backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        torch.nn.utils.clip_grad_norm_(text_params, 1.0)
-        opt.step()
-        text_opt.step()
+        optimiser_step(loss + args.layout_loss * probe, lr, (unet.parameters(), opt, 1.0), (text_params, text_opt, args.text_lr_scale))
         ema.update(unet, step)
         text_ema.update(text, step)
         prog.update(step, loss.item(), lr, f" layout-probe {probe.item():.3f}")
         if ckpt_timer.due():
-            save(step + 1)
+            ckpt.save(step + 1)
         if eval_timer.due() and step + 1 >= min(spec.warmup, spec.steps):
-            save(step + 1)
+            ckpt.save(step + 1)
             evaluate_and_export(step + 1, args.eval_prompts)
             eval_timer.last = time.monotonic()
-    save(spec.steps)
+    ckpt.save(spec.steps)
     res = evaluate_and_export(spec.steps, args.final_eval_prompts)
     work.mark("unet", steps=spec.steps, shapes_eval=res)
     log(f"[unet] done: {res}")
@@ -1218,48 +1188,41 @@ def stage_controlnet(args, work: Work, data: Data, tokenizer, stopper: Stopper) 
     from diffusers import UNet2DConditionModel
 
     spec = SPECS["controlnet"]
-    if args.controlnet_steps:
-        spec = StageSpec(args.controlnet_steps, spec.batch, spec.lr, min(spec.warmup, args.controlnet_steps // 5 + 1))
+    if args.controlnet_steps or args.controlnet_lr:
+        steps = args.controlnet_steps or spec.steps
+        spec = StageSpec(steps, spec.batch, args.controlnet_lr or spec.lr, min(spec.warmup, steps // 5 + 1))
     text, vae = load_frozen(work)
     means, stds = load_latents(work, data, vae)
+    from diffusers import ControlNetModel
+
     unet = UNet2DConditionModel.from_pretrained(str(work.component("unet"))).eval().requires_grad_(False)
-    controlnet = make_controlnet(unet)
+    if args.finetune_from:
+        controlnet = ControlNetModel.from_pretrained(str(args.finetune_from / "controlnet"))
+    else:
+        controlnet = make_controlnet(unet)
     opt = torch.optim.AdamW(controlnet.parameters(), lr=spec.lr, weight_decay=0.01)
-    start = 0
-    ck = load_ckpt(work.ckpt("controlnet"))
-    if ck:
-        controlnet.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        start = ck["step"]
-        log(f"[controlnet] resuming at step {start}")
+    ckpt = Checkpoint(work, "controlnet", model=controlnet, opt=opt)
+    start = ckpt.resume()
     log(f"[controlnet] ControlNetModel {sum(p.numel() for p in controlnet.parameters()) / 1e6:.2f}M params; {spec.steps} steps of {spec.batch}")
     controlnet.train()
     batcher = LatentBatcher(args, data, tokenizer, text, means, stds, vae.config.scaling_factor, "controlnet")
     ckpt_timer, prog = Every(args.ckpt_minutes), Progress("controlnet", start, spec.steps, every=25)
 
-    def save(step):
-        atomic_torch_save({"model": controlnet.state_dict(), "opt": opt.state_dict(), "step": step}, work.ckpt("controlnet"))
-
     for step in range(start, spec.steps):
         if stopper.should_stop():
-            save(step)
+            ckpt.save(step)
             return False
         lr = lr_at(step, spec)
-        for g in opt.param_groups:
-            g["lr"] = lr
         idx, noisy, t, emb, target, snr, _, _ = batcher(step, spec.batch)
         cond = sketches_to_tensor(data.sketches[idx])
         down, mid = controlnet(noisy, t, encoder_hidden_states=emb, controlnet_cond=cond, return_dict=False)
         pred = unet(noisy, t, emb, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
         loss = diffusion_loss(pred, target, snr)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
-        opt.step()
+        optimiser_step(loss, lr, (controlnet.parameters(), opt, 1.0))
         prog.update(step, loss.item(), lr)
         if ckpt_timer.due():
-            save(step + 1)
-    save(spec.steps)
+            ckpt.save(step + 1)
+    ckpt.save(spec.steps)
     controlnet.eval()
     save_component(controlnet, work.component("controlnet"))
     pipe = build_pipeline(work, unet, tokenizer, controlnet=controlnet)
@@ -1315,13 +1278,17 @@ def parse_args(argv):
     p.add_argument("--unet-steps", type=int, default=None, help="override the UNet stage length")
     p.add_argument("--unet-lr", type=float, default=None, help="override the UNet stage's peak learning rate")
     p.add_argument(
-        "--finetune-from", type=Path, default=None, help="start the UNet stage from this export's unet and text_encoder"
+        "--finetune-from",
+        type=Path,
+        default=None,
+        help="start the UNet and ControlNet stages from this export's unet, text_encoder and controlnet",
     )
     p.add_argument(
         "--layout-loss", type=float, default=0.1, help="weight of the layout-word probe on the text encoder's end-of-text states"
     )
     p.add_argument("--layout-oversample", type=float, default=1.0, help="sampling weight of captions that assert a layout")
     p.add_argument("--controlnet-steps", type=int, default=None, help="override the ControlNet stage length")
+    p.add_argument("--controlnet-lr", type=float, default=None, help="override the ControlNet stage's peak learning rate")
     p.add_argument("--redo", action="store_true", help="run the given stage again even if marked done")
     p.add_argument(
         "--seed-from",
