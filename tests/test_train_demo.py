@@ -55,7 +55,7 @@ def test_unet_steps_reduce_loss_on_a_batch():
     torch.manual_seed(0)
     unet = train.make_unet().train()
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
-    sched = train.train_noise_scheduler()
+    sched = train.train_noise_scheduler(zero_terminal_snr=True)
     gen = torch.Generator().manual_seed(0)
     latents = torch.randn(4, train.LATENT_CHANNELS, train.LATENT_SIZE, train.LATENT_SIZE, generator=gen)
     emb = torch.randn(4, tok_mod.MAX_LENGTH, train.TEXT_WIDTH, generator=gen)
@@ -85,8 +85,8 @@ def test_export_loads_as_stable_diffusion(tmp_path, tokenizer):
     train.save_component(unet, work.component("unet"))
     train.save_component(train.make_controlnet(unet), work.component("controlnet"))
     out = tmp_path / "embedded-model"
-    assert train.export(work, out)
-    assert train.export(work, out)  # a second export replaces the first in place
+    assert train.export(work, out, zero_terminal_snr=True)
+    assert train.export(work, out, zero_terminal_snr=True)  # a second export replaces the first in place
     assert not list(tmp_path.glob(".embedded-model*"))
 
     index = json.loads((out / "model_index.json").read_text())
@@ -95,6 +95,8 @@ def test_export_loads_as_stable_diffusion(tmp_path, tokenizer):
     pipe = StableDiffusionPipeline.from_pretrained(str(out), local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     assert pipe.vae_scale_factor == 4
+    # Sampling starts from pure noise, as the UNet was trained (t = 999 has no image left in it).
+    assert pipe.scheduler.config.rescale_betas_zero_snr and pipe.scheduler.alphas_cumprod[-1] < 1e-6
     assert pipe.text_encoder.config.max_position_embeddings == pipe.tokenizer.model_max_length
     image = pipe("a red circle on the left", num_inference_steps=2, generator=torch.Generator().manual_seed(0)).images[0]
     assert image.size == (64, 64)
