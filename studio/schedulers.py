@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import diffusers
@@ -47,9 +48,25 @@ SCHEDULERS: dict[str, SchedulerChoice] = {
 assert set(SCHEDULERS) == set(SCHEDULER_NAMES), "requests.SCHEDULER_NAMES and SCHEDULERS must agree"
 
 
+def supports_zero_terminal_snr(name: str) -> bool:
+    """Whether the named sampler can follow a noise schedule rescaled to zero terminal SNR."""
+    scheduler_class = getattr(diffusers, SCHEDULERS[name].class_name)
+    return "rescale_betas_zero_snr" in inspect.signature(scheduler_class.__init__).parameters
+
+
 def make_scheduler(name: str, base_config):
-    """A new scheduler of the named kind, built from the model's own scheduler config."""
+    """A new scheduler of the named kind, built from the model's own scheduler config.
+
+    A model trained with a zero-terminal-SNR schedule (t = 999 is pure noise) is refused by
+    samplers that would silently fall back to the ordinary schedule and draw with the wrong one.
+    """
     choice = SCHEDULERS[name]
+    if base_config.get("rescale_betas_zero_snr") and not supports_zero_terminal_snr(name):
+        usable = ", ".join(n for n in SCHEDULERS if supports_zero_terminal_snr(n))
+        raise ValueError(
+            f"scheduler {name!r} cannot sample this model: it was trained with a zero-terminal-SNR noise "
+            f"schedule, which {choice.class_name} does not implement; use one of: {usable}"
+        )
     scheduler_class = getattr(diffusers, choice.class_name)
     return scheduler_class.from_config(base_config, **choice.options)
 

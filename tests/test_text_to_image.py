@@ -102,3 +102,17 @@ def test_non_finite_decode_is_refused_not_saved(sd15_folder, tmp_path):
         loaded.pipe.vae.decoder.conv_out.bias.fill_(float("nan"))
     with pytest.raises(NonFiniteOutputError, match="NaN"):
         studio.text_to_image("a circle", seed=1, num_inference_steps=1)
+
+
+def test_zero_terminal_snr_model_refuses_samplers_that_would_ignore_it():
+    from diffusers import DPMSolverMultistepScheduler
+
+    from studio.schedulers import make_scheduler
+
+    config = DPMSolverMultistepScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True).config
+    euler = make_scheduler("euler", config)
+    assert euler.config.rescale_betas_zero_snr and euler.alphas_cumprod[-1] < 1e-6  # starts from pure noise
+    with pytest.raises(ValueError, match="'lms'.*zero-terminal-SNR.*euler"):
+        make_scheduler("lms", config)
+    ordinary = DPMSolverMultistepScheduler(prediction_type="v_prediction").config
+    assert make_scheduler("lms", ordinary).alphas_cumprod[-1] > 1e-5  # (default linear betas end at 4e-5)
