@@ -15,8 +15,11 @@ Stages (each one's result is kept under ``<work>/components/``):
    to 1/std of those latents.
 3. ``unet``: a ``UNet2DConditionModel`` latent diffusion model conditioned on
    the CLIP text encoder's last hidden states, the text encoder fine-tuned with
-   it (contrastive training leaves "left" and "right" nearly the same vector);
-   v-prediction, min-SNR-5-style loss weighting (floored at 1 on noisy steps), warm-up + cosine LR, EMA weights,
+   it (contrastive training leaves "left" and "right" nearly the same vector) and
+   a linear probe that must read the layout word from its end-of-text states;
+   a zero-terminal-SNR noise schedule (without it the noise, not the words,
+   decides where shapes go), v-prediction, min-SNR-5-style loss weighting
+   (floored at 1 on noisy steps), warm-up + cosine LR, EMA weights,
    10% caption dropout for classifier-free guidance.  Every few minutes it draws
    held-out prompts and scores them with ShapesEval, and exports the folder.
 4. ``controlnet``: a ``ControlNetModel`` (initialised from the UNet) trained on
@@ -1297,10 +1300,10 @@ def parse_args(argv):
     p.add_argument(
         "--zero-terminal-snr",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=True,
         help="rescale the noise schedule so that t = 999 is pure noise (training and the exported scheduler)",
     )
-    p.add_argument("--layout-oversample", type=float, default=1.0, help="sampling weight of captions that assert a layout")
+    p.add_argument("--layout-oversample", type=float, default=2.0, help="sampling weight of captions that assert a layout")
     p.add_argument("--controlnet-steps", type=int, default=None, help="override the ControlNet stage length")
     p.add_argument("--controlnet-lr", type=float, default=None, help="override the ControlNet stage's peak learning rate")
     p.add_argument("--redo", action="store_true", help="run the given stage again even if marked done")
