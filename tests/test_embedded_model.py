@@ -98,8 +98,14 @@ def test_fixed_seed_generations_pass_the_detector(embedded_studio, prompt):
     assert sum(all(v.values()) for v in verdicts) >= 2, verdicts
 
 
-@pytest.mark.xfail(strict=True, reason="the model has not learnt position words yet (ShapesEval position 0.14)")
-@pytest.mark.parametrize("prompt", ["a large red circle on the left on a white background", "a green circle at the top"])
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "a large red circle on the left on a white background",
+        "a green circle at the top",
+        "a blue square above a yellow triangle on a black background",
+    ],
+)
 def test_position_words_place_the_shape(embedded_studio, prompt):
     verdicts = passes(embedded_studio, prompt)
     assert sum(all(v.values()) for v in verdicts) >= 2, verdicts

@@ -491,7 +491,7 @@ def seed_from_export(work: Work, model_dir: Path) -> None:
     for stage in ("clip", "vae"):
         if not work.done(stage):
             info = {k: v for k, v in records.get(stage, {}).items() if k not in ("done", "time")}
-            work.mark(stage, seeded_from=str(model_dir), **info)
+            work.mark(stage, **{**info, "seeded_from": str(model_dir)})
     log(f"work dir {work.root} seeded with the tokenizer, CLIP and VAE of {model_dir}")
 
 
