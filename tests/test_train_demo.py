@@ -126,7 +126,7 @@ def test_layout_probe_moves_position_into_the_end_of_text_states(tokenizer):
     torch.manual_seed(0)
     config = train.text_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.model_max_length)
     text = CLIPTextModel(config).train()
-    head = torch.nn.Linear(train.TEXT_WIDTH, 1 + len(world.POSITIONS) + len(world.RELATIONS))
+    head = train.make_layout_head()
     captions = ["a red circle on the left", "a red circle on the right", "a red circle at the top", "a red circle"]
     ids = train.tokenize(tokenizer, captions)
     labels = torch.from_numpy(train.layout_labels(captions))

@@ -194,6 +194,15 @@ SPECS = {
 }
 
 
+def stage_spec(stage: str, steps: int | None = None, lr: float | None = None) -> StageSpec:
+    """SPECS[stage] with the command line's step count and peak learning rate, where given."""
+    spec = SPECS[stage]
+    if not (steps or lr):
+        return spec
+    steps = steps or spec.steps
+    return StageSpec(steps, spec.batch, lr or spec.lr, min(spec.warmup, steps // 5 + 1))
+
+
 # --------------------------------------------------------------------------- small utilities
 
 
@@ -1054,6 +1063,15 @@ def layout_labels(captions: list[str]) -> np.ndarray:
     return labels
 
 
+def make_layout_head():
+    """The linear probe of `layout_loss`: text width -> one logit per `layout_labels` class."""
+    import torch
+
+    from studio.demo import world
+
+    return torch.nn.Linear(TEXT_WIDTH, 1 + len(world.POSITIONS) + len(world.RELATIONS))
+
+
 def layout_loss(head, hidden, input_ids, eos_id: int, labels):
     """Cross-entropy of a linear probe reading the layout word from the end-of-text states.
 
@@ -1118,14 +1136,10 @@ def load_frozen(work: Work):
 
 def stage_unet(args, work: Work, data: Data, tokenizer, stopper: Stopper) -> bool:
     import torch
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from diffusers import UNet2DConditionModel
-
-    spec = SPECS["unet"]
-    if args.unet_steps or args.unet_lr:
-        steps = args.unet_steps or spec.steps
-        spec = StageSpec(steps, spec.batch, args.unet_lr or spec.lr, min(spec.warmup, steps // 5 + 1))
+    spec = stage_spec("unet", args.unet_steps, args.unet_lr)
     _, vae = load_frozen(work)
     means, stds = load_latents(work, data, vae)
     # The contrastive text encoder barely tells "left" from "right" (a matching caption
@@ -1138,7 +1152,7 @@ def stage_unet(args, work: Work, data: Data, tokenizer, stopper: Stopper) -> boo
         text = CLIPTextModel.from_pretrained(str(work.component("text_encoder")))
     text.requires_grad_(True).train()
     ema, text_ema = EMA(unet, args.ema_decay), EMA(text, args.ema_decay)
-    layout_head = torch.nn.Linear(TEXT_WIDTH, 1 + len(data.world.POSITIONS) + len(data.world.RELATIONS))
+    layout_head = make_layout_head()
     opt = torch.optim.AdamW(unet.parameters(), lr=spec.lr, weight_decay=0.01)
     text_params = [*text.parameters(), *layout_head.parameters()]
     text_opt = torch.optim.AdamW(text_params, lr=spec.lr * args.text_lr_scale, weight_decay=0.01)
@@ -1198,10 +1212,7 @@ def stage_controlnet(args, work: Work, data: Data, tokenizer, stopper: Stopper) 
     import torch
     from diffusers import UNet2DConditionModel
 
-    spec = SPECS["controlnet"]
-    if args.controlnet_steps or args.controlnet_lr:
-        steps = args.controlnet_steps or spec.steps
-        spec = StageSpec(steps, spec.batch, args.controlnet_lr or spec.lr, min(spec.warmup, steps // 5 + 1))
+    spec = stage_spec("controlnet", args.controlnet_steps, args.controlnet_lr)
     text, vae = load_frozen(work)
     means, stds = load_latents(work, data, vae)
     from diffusers import ControlNetModel
