@@ -197,3 +197,63 @@ def test_a_stopped_stage_resumes_to_the_same_weights(tmp_path, monkeypatch):
     assert straight_results == [True] and resumed_results == [False, True]
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_grounding_targets_point_each_word_at_its_object(tmp_path, tokenizer):
+    data = train.Data(tmp_path / "data", 60, 0)
+    token_objects, object_masks = data.grounding(tokenizer)
+    assert token_objects.shape == (60, tokenizer.model_max_length)
+    assert object_masks.shape == (60, 3, train.LATENT_SIZE, train.LATENT_SIZE)
+    checked = {"colour": 0, "layout": 0}
+    for i, caption in enumerate(data.captions):
+        words = [w.removesuffix("</w>") for w in tokenizer.convert_ids_to_tokens(tokenizer(caption).input_ids)]
+        image = data.images[i].astype(float)
+        for word, obj in zip(words, token_objects[i]):
+            if word in world.COLORS and obj >= 0:
+                # The object a colour word names is painted in that colour, the other objects are not.
+                painted = (image == world.COLORS[word]).all(-1)
+                shares = [painted[mask.repeat(4, 0).repeat(4, 1) > 0].mean() for mask in object_masks[i] if mask.any()]
+                assert shares[obj] > 0.1 and all(share < 0.05 for j, share in enumerate(shares) if j != obj), caption
+                checked["colour"] += 1
+            if word in ("left", "right", "top", "bottom", "above", "below", "over", "under", "beneath"):
+                assert obj == 0, caption  # the subject, read before its position or relation word
+                checked["layout"] += 1
+            if word in ("and", "on", "background", "a", "<|endoftext|>"):
+                assert obj == -1, (caption, word)
+    assert checked["colour"] > 40 and checked["layout"] > 5, checked
+
+
+def test_grounding_loss_pulls_attention_onto_the_object(tokenizer):
+    """The capturing processor changes nothing in the output, and the loss moves the attention."""
+    torch.manual_seed(0)
+    unet = train.make_unet()
+    gen = torch.Generator().manual_seed(0)
+    noisy = torch.randn(2, train.LATENT_CHANNELS, train.LATENT_SIZE, train.LATENT_SIZE, generator=gen)
+    emb = torch.randn(2, tok_mod.MAX_LENGTH, train.TEXT_WIDTH, generator=gen)
+    t = torch.tensor([999, 500])
+    with torch.no_grad():
+        plain = unet(noisy, t, emb).sample
+    maps: list = []
+    unet.set_attn_processor(
+        {name: train.GroundingAttnProcessor(maps) if name.endswith("attn2.processor") else p for name, p in unet.attn_processors.items()}
+    )
+    with torch.no_grad():
+        assert torch.allclose(unet(noisy, t, emb).sample, plain, atol=1e-5)
+    assert len(maps) == 7 and maps[0].shape == (2, train.LATENT_SIZE**2, tok_mod.MAX_LENGTH)
+
+    # Token 2 of each caption describes an object in the left half (image 0) or the bottom half (image 1).
+    masks = torch.zeros(2, 3, train.LATENT_SIZE, train.LATENT_SIZE)
+    masks[0, 0, :, :8], masks[1, 0, 8:, :] = 1.0, 1.0
+    token_objects = torch.full((2, tok_mod.MAX_LENGTH), -1)
+    token_objects[:, 2] = 0
+    opt = torch.optim.AdamW(unet.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(10):
+        maps.clear()
+        unet(noisy, t, emb)
+        loss = train.grounding_loss(maps, token_objects, masks)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 0.15 and losses[-1] < 0.5 * losses[0], losses
