@@ -1095,41 +1095,61 @@ def diffusion_loss(model_out, target, snr, gamma: float = 5.0):
     return (per * w).mean()
 
 
-def layout_labels(captions: list[str]) -> np.ndarray:
-    """Per caption, which layout it asserts: 0 none, then each of world.POSITIONS, then each of world.RELATIONS."""
+def probe_classes() -> tuple[int, ...]:
+    """Classes of each column of `layout_labels`: the layout, then colour and shape of the first and second object."""
     from studio.demo import world
 
-    labels = np.zeros(len(captions), np.int64)
+    colors, shapes = 1 + len(world.COLORS), 1 + len(world.SHAPES)
+    return (1 + len(world.POSITIONS) + len(world.RELATIONS), colors, shapes, colors, shapes)
+
+
+def layout_labels(captions: list[str]) -> np.ndarray:
+    """Per caption, (layout, colour 1, shape 1, colour 2, shape 2), 0 meaning "none" in each.
+
+    layout: 0 none, then each of world.POSITIONS, then each of world.RELATIONS. The colour and
+    shape of the first and second object named (1 + index in world.COLORS / world.SHAPES) say
+    which object is the relation's subject, so "a blue square above a yellow triangle" and
+    "a yellow triangle above a blue square" get different labels.
+    """
+    from studio.demo import world
+
+    colors, shapes = list(world.COLORS), list(world.SHAPES)
+    labels = np.zeros((len(captions), len(probe_classes())), np.int64)
     for i, caption in enumerate(captions):
         claims = world.parse_claims(caption)
         if claims["relation"]:
-            labels[i] = 1 + len(world.POSITIONS) + world.RELATIONS.index(claims["relation"]["relation"])
+            labels[i, 0] = 1 + len(world.POSITIONS) + world.RELATIONS.index(claims["relation"]["relation"])
         elif claims["objects"][0].get("position"):
-            labels[i] = 1 + world.POSITIONS.index(claims["objects"][0]["position"])
+            labels[i, 0] = 1 + world.POSITIONS.index(claims["objects"][0]["position"])
+        for j, obj in enumerate(claims["objects"][:2]):
+            labels[i, 1 + 2 * j] = 1 + colors.index(obj["color"]) if obj.get("color") else 0
+            labels[i, 2 + 2 * j] = 1 + shapes.index(obj["shape"]) if obj.get("shape") else 0
     return labels
 
 
 def make_layout_head():
-    """The linear probe of `layout_loss`: text width -> one logit per `layout_labels` class."""
+    """The linear probe of `layout_loss`: text width -> the logits of every `layout_labels` column."""
     import torch
 
-    from studio.demo import world
-
-    return torch.nn.Linear(TEXT_WIDTH, 1 + len(world.POSITIONS) + len(world.RELATIONS))
+    return torch.nn.Linear(TEXT_WIDTH, sum(probe_classes()))
 
 
 def layout_loss(head, hidden, input_ids, eos_id: int, labels):
-    """Cross-entropy of a linear probe reading the layout word from the end-of-text states.
+    """Cross-entropy of a linear probe reading the caption's layout and objects, in order, from the end-of-text states.
 
     The UNet's cross-attention puts most of its weight on the end-of-text (padding) states
     and almost none on the position word itself, and contrastive CLIP training leaves
-    position out of those states; this pushes it in, where the UNet already looks.
+    position out of those states; this pushes it in, where the UNet already looks. The
+    objects' order is in the labels too: a bag of words cannot say which object of a
+    relation goes where, and a UNet reading one drew the pair either way round.
     """
     import torch
 
     after_eos = torch.cumsum(input_ids == eos_id, dim=1) > 0
     pooled = (hidden * after_eos[..., None]).sum(1) / after_eos.sum(1, keepdim=True)
-    return torch.nn.functional.cross_entropy(head(pooled), labels)
+    logits = head(pooled).split(probe_classes(), dim=1)
+    losses = [torch.nn.functional.cross_entropy(column, labels[:, k]) for k, column in enumerate(logits)]
+    return torch.stack(losses).mean()
 
 
 class GroundingAttnProcessor:
@@ -1197,7 +1217,7 @@ class LatentBatcher:
         self.labels = layout_labels(data.captions)
         self.weights = None
         if args.layout_oversample != 1.0:
-            w = np.where(self.labels > 0, args.layout_oversample, 1.0)
+            w = np.where(self.labels[:, 0] > 0, args.layout_oversample, 1.0)
             self.weights = w / w.sum()
 
     def __call__(self, step: int, batch: int):
@@ -1222,7 +1242,7 @@ class LatentBatcher:
         t = torch.randint(0, self.sched.config.num_train_timesteps, (batch,), generator=gen)
         noisy = self.sched.add_noise(latents, noise, t)
         target = self.sched.get_velocity(latents, noise, t)
-        labels = torch.from_numpy(np.where(drop, 0, self.labels[idx]))
+        labels = torch.from_numpy(np.where(drop[:, None], 0, self.labels[idx]))
         return idx, noisy, t, emb, target, self.snr[t], ids, labels
 
 
