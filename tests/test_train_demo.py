@@ -115,6 +115,7 @@ def test_layout_labels_name_the_layout_and_the_objects_in_order():
             "a tiny green dot in the middle",
             "a red circle above a blue square",
             "a blue square above a red circle",
+            "a red circle below a blue square",
         ]
     )
     positions, relations = world.POSITIONS, world.RELATIONS
@@ -124,12 +125,23 @@ def test_layout_labels_name_the_layout_and_the_objects_in_order():
         1 + positions.index("center"),
         1 + len(positions) + relations.index("above"),
         1 + len(positions) + relations.index("above"),
+        1 + len(positions) + relations.index("below"),
     ]
     red, blue, circle, square = (1 + list(world.COLORS).index("red"), 1 + list(world.COLORS).index("blue"),
                                  1 + world.SHAPES.index("circle"), 1 + world.SHAPES.index("square"))
-    assert labels[0, 1:].tolist() == [red, circle, 0, 0]  # no second object
-    assert labels[3, 1:].tolist() == [red, circle, blue, square]
-    assert labels[4, 1:].tolist() == [blue, square, red, circle]  # the order tells the subject
+    assert labels[0, 1:5].tolist() == [red, circle, 0, 0]  # no second object
+    assert labels[3, 1:5].tolist() == [red, circle, blue, square]
+    assert labels[4, 1:5].tolist() == [blue, square, red, circle]  # the order tells the subject
+
+    def at(row, position):
+        column = 5 + 2 * positions.index(position)
+        return labels[row, column : column + 2].tolist()
+
+    assert at(0, "left") == at(0, "center") == [0, 0]  # nothing placed
+    assert at(1, "left") == [blue, square] and at(1, "right") == [0, 0]
+    assert at(3, "top") == [red, circle] and at(3, "bottom") == [blue, square]
+    # Both phrasings of one picture name the same object at each place.
+    assert at(4, "top") == at(5, "top") == [blue, square] and at(4, "bottom") == at(5, "bottom") == [red, circle]
 
 
 def test_layout_probe_moves_layout_and_order_into_the_end_of_text_states(tokenizer):

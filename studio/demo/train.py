@@ -1096,34 +1096,51 @@ def diffusion_loss(model_out, target, snr, gamma: float = 5.0):
 
 
 def probe_classes() -> tuple[int, ...]:
-    """Classes of each column of `layout_labels`: the layout, then colour and shape of the first and second object."""
+    """Classes of each column of `layout_labels`."""
     from studio.demo import world
 
     colors, shapes = 1 + len(world.COLORS), 1 + len(world.SHAPES)
-    return (1 + len(world.POSITIONS) + len(world.RELATIONS), colors, shapes, colors, shapes)
+    layout = 1 + len(world.POSITIONS) + len(world.RELATIONS)
+    return (layout, colors, shapes, colors, shapes) + (colors, shapes) * len(world.POSITIONS)
 
 
 def layout_labels(captions: list[str]) -> np.ndarray:
-    """Per caption, (layout, colour 1, shape 1, colour 2, shape 2), 0 meaning "none" in each.
+    """Per caption, what the layout probe must read from its end-of-text states; 0 means "none".
 
-    layout: 0 none, then each of world.POSITIONS, then each of world.RELATIONS. The colour and
-    shape of the first and second object named (1 + index in world.COLORS / world.SHAPES) say
-    which object is the relation's subject, so "a blue square above a yellow triangle" and
-    "a yellow triangle above a blue square" get different labels.
+    Columns: the layout (0 none, then each of world.POSITIONS, then each of world.RELATIONS);
+    colour and shape (1 + index in world.COLORS / world.SHAPES) of the first and of the
+    second object named; then for each of world.POSITIONS, the colour and shape of the
+    object there: "a blue square above a yellow triangle" puts the square at the top and the
+    triangle at the bottom, "a yellow triangle below a blue square" too. The UNet reads the
+    text through linear keys and values, so this is the form it can use: what is on the left,
+    not "the subject, and a relation that says where the subject goes".
     """
     from studio.demo import world
 
     colors, shapes = list(world.COLORS), list(world.SHAPES)
+    opposite = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+    subject_side = {"left of": "left", "right of": "right", "above": "top", "below": "bottom"}
     labels = np.zeros((len(captions), len(probe_classes())), np.int64)
+
+    def describe(i, column, obj):
+        labels[i, column] = 1 + colors.index(obj["color"]) if obj.get("color") else 0
+        labels[i, column + 1] = 1 + shapes.index(obj["shape"]) if obj.get("shape") else 0
+
     for i, caption in enumerate(captions):
         claims = world.parse_claims(caption)
-        if claims["relation"]:
-            labels[i, 0] = 1 + len(world.POSITIONS) + world.RELATIONS.index(claims["relation"]["relation"])
-        elif claims["objects"][0].get("position"):
-            labels[i, 0] = 1 + world.POSITIONS.index(claims["objects"][0]["position"])
-        for j, obj in enumerate(claims["objects"][:2]):
-            labels[i, 1 + 2 * j] = 1 + colors.index(obj["color"]) if obj.get("color") else 0
-            labels[i, 2 + 2 * j] = 1 + shapes.index(obj["shape"]) if obj.get("shape") else 0
+        objects, relation = claims["objects"], claims["relation"]
+        places = {}
+        if relation:
+            labels[i, 0] = 1 + len(world.POSITIONS) + world.RELATIONS.index(relation["relation"])
+            side = subject_side[relation["relation"]]
+            places = {side: objects[relation["subject"]], opposite[side]: objects[relation["object"]]}
+        elif objects[0].get("position"):
+            labels[i, 0] = 1 + world.POSITIONS.index(objects[0]["position"])
+            places = {objects[0]["position"]: objects[0]}
+        for j, obj in enumerate(objects[:2]):
+            describe(i, 1 + 2 * j, obj)
+        for position, obj in places.items():
+            describe(i, 5 + 2 * world.POSITIONS.index(position), obj)
     return labels
 
 
