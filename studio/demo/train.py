@@ -424,52 +424,6 @@ class Data:
     def eval_scenes(self, n: int):
         return self.world.eval_scenes(n)
 
-    def grounding(self, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-        """Where each caption's objects are, for the grounding loss (cached beside the images).
-
-        Returns (token_objects, object_masks): token_objects (n, max_length) int8 names, for
-        each token, the object its word describes (a colour, size or fill adjective or the
-        noun before which it stands, or the noun itself), or that it places (a position or
-        relation word after the noun: "left" in "a red circle on the left", "above" in "a
-        blue square above ...", whose subject is read before it), -1 for any other token;
-        object_masks
-        (n, 3, LATENT_SIZE, LATENT_SIZE) uint8 is the share of each latent pixel that object
-        covers (x255). Counting captions describe all their copies with one phrase, so their
-        object 0 is the union of the copies.
-        """
-        tokens_f, masks_f = self.folder / "grounding_tokens.npy", self.folder / "grounding_masks.npy"
-        if not (tokens_f.exists() and masks_f.exists()):
-            n, seed = (int(part) for part in self.folder.name.split("-")[1:])
-            scenes = self.world.training_scenes(n, seed)
-            assert [s.caption for s in scenes] == self.captions, "grounding: the scenes do not match the cached captions"
-            masks = np.zeros((n, 3, LATENT_SIZE, LATENT_SIZE), np.uint8)
-            tokens = np.full((n, tokenizer.model_max_length), -1, np.int8)
-            nouns = {*self.world.SHAPE_NOUNS, *self.world.SHAPE_NOUNS.values(), *self.world.NOUN_SYNONYMS}
-            adjectives = {*self.world.COLORS, *(w for ws in self.world.SIZE_WORDS.values() for w in ws)}
-            adjectives |= {w for ws in self.world.FILL_ADJECTIVES.values() for w in ws}
-            phrases = [*self.world.POSITION_PHRASES.values(), *self.world.RELATION_PHRASES.values()]
-            layout_words = {w for options in phrases for phrase in options for w in phrase} - {"on", "at", "in", "the", "to", "of"}
-            pool = IMAGE_SIZE // LATENT_SIZE
-            for i, scene in enumerate(scenes):
-                object_masks = self.world.render_masks(scene, IMAGE_SIZE)
-                if len(object_masks) > 1 and len(scene.claims["objects"]) == 1:
-                    object_masks = [np.any(object_masks, axis=0)]  # counting: one phrase for all copies
-                for j, mask in enumerate(object_masks):
-                    coverage = mask.reshape(LATENT_SIZE, pool, LATENT_SIZE, pool).mean(axis=(1, 3))
-                    masks[i, j] = np.round(coverage * 255)
-                ids = tokenizer(scene.caption, max_length=tokenizer.model_max_length, truncation=True).input_ids
-                described = 0  # objects whose noun has been read so far
-                for k, word in enumerate(tokenizer.convert_ids_to_tokens(ids)):
-                    word = word.removesuffix("</w>")
-                    if described < len(object_masks) and (word in adjectives or word in nouns):
-                        tokens[i, k] = described
-                    elif described and word in layout_words:
-                        tokens[i, k] = described - 1
-                    described += word in nouns
-            atomic_np_save(tokens_f, tokens)
-            atomic_np_save(masks_f, masks)
-        return np.load(tokens_f), np.load(masks_f)
-
 
 def images_to_tensor(batch_u8: np.ndarray):
     """uint8 NHWC -> float NCHW in [-1, 1]."""
@@ -1169,61 +1123,6 @@ def layout_loss(head, hidden, input_ids, eos_id: int, labels):
     return torch.stack(losses).mean()
 
 
-class GroundingAttnProcessor:
-    """Cross-attention that also keeps its attention maps, for the grounding loss (training only).
-
-    Mean over heads, appended to `maps` as (batch, pixels, tokens). Self-attention goes
-    through diffusers' default processor unchanged.
-    """
-
-    def __init__(self, maps: list):
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        self.maps, self.self_attention = maps, AttnProcessor2_0()
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        import torch
-
-        if encoder_hidden_states is None:
-            return self.self_attention(attn, hidden_states, attention_mask=attention_mask)
-        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
-        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
-        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
-        probs = attn.get_attention_scores(query, key, attention_mask)
-        self.maps.append(probs.view(-1, attn.heads, *probs.shape[1:]).mean(1))
-        out = attn.batch_to_head_dim(torch.bmm(probs, value))
-        return attn.to_out[1](attn.to_out[0](out))
-
-
-def grounding_loss(maps: list, token_objects, object_masks):
-    """TokenCompose's token loss: each object word's cross-attention should fall on its object.
-
-    For every cross-attention layer and every token that describes an object, the share of
-    its attention inside that object's mask (resized to the layer) should be 1; the loss is
-    the mean of (1 - share)^2. This binds words to places: in "a blue square above a yellow
-    triangle" the UNet must put "triangle" where the triangle goes, which plain denoising
-    never asks of it (it bound the relation's two objects by a coin flip).
-
-    token_objects: (batch, tokens) long, -1 where no object; object_masks: (batch, 3, H, W) float.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    grounded = token_objects >= 0
-    if not grounded.any():
-        return torch.zeros(())
-    batch, tokens = token_objects.shape
-    index = token_objects.clamp(min=0)[..., None, None].expand(-1, -1, *object_masks.shape[-2:])
-    token_masks = torch.gather(object_masks, 1, index)  # (batch, tokens, H, W)
-    losses = []
-    for probs in maps:
-        side = math.isqrt(probs.shape[1])
-        masks = F.adaptive_avg_pool2d(token_masks, side).flatten(2).transpose(1, 2)  # (batch, pixels, tokens)
-        share = (probs * masks).sum(1) / probs.sum(1).clamp_min(1e-8)
-        losses.append((1 - share[grounded]).pow(2).mean())
-    return torch.stack(losses).mean()
-
-
 class LatentBatcher:
     def __init__(self, args, data: Data, tokenizer, text_encoder, means, stds, scaling: float, stage: str):
         self.args, self.data, self.tok, self.text = args, data, tokenizer, text_encoder
@@ -1290,15 +1189,6 @@ def stage_unet(args, work: Work, data: Data, tokenizer, stopper: Stopper) -> boo
         text = CLIPTextModel.from_pretrained(str(work.component("text_encoder")))
     text.requires_grad_(True).train()
     ema, text_ema = EMA(unet, args.ema_decay), EMA(text, args.ema_decay)
-    attention_maps: list = []
-    if args.grounding_loss:
-        token_objects, object_masks = data.grounding(tokenizer)
-        unet.set_attn_processor(
-            {
-                name: GroundingAttnProcessor(attention_maps) if name.endswith("attn2.processor") else processor
-                for name, processor in unet.attn_processors.items()
-            }
-        )
     layout_head = make_layout_head()
     opt = torch.optim.AdamW(unet.parameters(), lr=spec.lr, weight_decay=0.01)
     text_params = [*text.parameters(), *layout_head.parameters()]
@@ -1331,23 +1221,14 @@ def stage_unet(args, work: Work, data: Data, tokenizer, stopper: Stopper) -> boo
             ckpt.save(step)
             return False
         lr = lr_at(step, spec)
-        idx, noisy, t, emb, target, snr, ids, labels = batcher(step, spec.batch)
-        attention_maps.clear()
+        _, noisy, t, emb, target, snr, ids, labels = batcher(step, spec.batch)
         pred = unet(noisy, t, emb).sample
         loss = diffusion_loss(pred, target, snr)
         probe = layout_loss(layout_head, emb, ids, tokenizer.eos_token_id, labels)
-        total = loss + args.layout_loss * probe
-        extra = f" layout-probe {probe.item():.3f}"
-        if args.grounding_loss:
-            words = torch.from_numpy(token_objects[idx].astype(np.int64))
-            words[ids[:, 1] == tokenizer.eos_token_id] = -1  # captions dropped for CFG
-            grounding = grounding_loss(attention_maps, words, torch.from_numpy(object_masks[idx] / 255.0).float())
-            total = total + args.grounding_loss * grounding
-            extra += f" grounding {grounding.item():.3f}"
-        optimiser_step(total, lr, (unet.parameters(), opt, 1.0), (text_params, text_opt, args.text_lr_scale))
+        optimiser_step(loss + args.layout_loss * probe, lr, (unet.parameters(), opt, 1.0), (text_params, text_opt, args.text_lr_scale))
         ema.update(unet, step)
         text_ema.update(text, step)
-        prog.update(step, loss.item(), lr, extra)
+        prog.update(step, loss.item(), lr, f" layout-probe {probe.item():.3f}")
         if ckpt_timer.due():
             ckpt.save(step + 1)
         if eval_timer.due() and step + 1 >= min(spec.warmup, spec.steps):
@@ -1463,12 +1344,6 @@ def parse_args(argv):
     )
     p.add_argument(
         "--layout-loss", type=float, default=0.1, help="weight of the layout-word probe on the text encoder's end-of-text states"
-    )
-    p.add_argument(
-        "--grounding-loss",
-        type=float,
-        default=0.0,
-        help="weight of the loss that puts each object word's cross-attention on its object (TokenCompose)",
     )
     p.add_argument(
         "--zero-terminal-snr",
