@@ -1110,9 +1110,9 @@ def layout_loss(head, hidden, input_ids, eos_id: int, labels):
 
     The UNet's cross-attention puts most of its weight on the end-of-text (padding) states
     and almost none on the position word itself, and contrastive CLIP training leaves
-    position out of those states; this pushes it in, where the UNet already looks. The
-    objects' order is in the labels too: a bag of words cannot say which object of a
-    relation goes where, and a UNet reading one drew the pair either way round.
+    position out of those states; this pushes it in, where the UNet already looks, with the
+    objects in order and the object at each place (a bag of words cannot say which object
+    of a relation goes where).
     """
     import torch
 
@@ -1343,7 +1343,7 @@ def parse_args(argv):
         help="start the UNet and ControlNet stages from this export's unet, text_encoder and controlnet",
     )
     p.add_argument(
-        "--layout-loss", type=float, default=0.1, help="weight of the layout-word probe on the text encoder's end-of-text states"
+        "--layout-loss", type=float, default=0.5, help="weight of the layout probe on the text encoder's end-of-text states"
     )
     p.add_argument(
         "--zero-terminal-snr",
