@@ -16,7 +16,8 @@ Stages (each one's result is kept under ``<work>/components/``):
 3. ``unet``: a ``UNet2DConditionModel`` latent diffusion model conditioned on
    the CLIP text encoder's last hidden states, the text encoder fine-tuned with
    it (contrastive training leaves "left" and "right" nearly the same vector) and
-   a linear probe that must read the layout word from its end-of-text states;
+   a linear probe that must read from its end-of-text states the layout word, the
+   objects in order and which object is at each place (`layout_labels`);
    a zero-terminal-SNR noise schedule (without it the noise, not the words,
    decides where shapes go), v-prediction, min-SNR-5-style loss weighting
    (floored at 1 on noisy steps), warm-up + cosine LR, EMA weights,
