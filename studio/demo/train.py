@@ -1073,8 +1073,6 @@ def layout_labels(captions: list[str]) -> np.ndarray:
     from studio.demo import world
 
     colors, shapes = list(world.COLORS), list(world.SHAPES)
-    opposite = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
-    subject_side = {"left of": "left", "right of": "right", "above": "top", "below": "bottom"}
     labels = np.zeros((len(captions), len(probe_classes())), np.int64)
 
     def describe(i, column, obj):
@@ -1087,8 +1085,8 @@ def layout_labels(captions: list[str]) -> np.ndarray:
         places = {}
         if relation:
             labels[i, 0] = 1 + len(world.POSITIONS) + world.RELATIONS.index(relation["relation"])
-            side = subject_side[relation["relation"]]
-            places = {side: objects[relation["subject"]], opposite[side]: objects[relation["object"]]}
+            side = world.SUBJECT_SIDE[relation["relation"]]
+            places = {side: objects[relation["subject"]], world.OPPOSITE_SIDE[side]: objects[relation["object"]]}
         elif objects[0].get("position"):
             labels[i, 0] = 1 + world.POSITIONS.index(objects[0]["position"])
             places = {objects[0]["position"]: objects[0]}

@@ -58,6 +58,8 @@ FILLS: tuple[str, ...] = ("solid", "outline", "striped", "dotted")
 SIZES: tuple[str, ...] = ("small", "large")
 POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
+SUBJECT_SIDE: dict[str, str] = {"left of": "left", "right of": "right", "above": "top", "below": "bottom"}  # where each relation puts its subject
+OPPOSITE_SIDE: dict[str, str] = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 KINDS: tuple[str, ...] = ("single", "two", "counting", "position", "relation")
 
 # Half extent of an object, in units of the image side. Far enough apart that
@@ -190,17 +192,13 @@ def relation_offsets(subject_xy: tuple[float, float], object_xy: tuple[float, fl
 
     "A left of B": main = B.cx - A.cx. "A above B": main = B.cy - A.cy (y grows downwards).
     """
+    if relation not in SUBJECT_SIDE:
+        raise ValueError(f"unknown relation {relation!r}; choose one of: {', '.join(RELATIONS)}")
+    side = SUBJECT_SIDE[relation]
     dx = object_xy[0] - subject_xy[0]
     dy = object_xy[1] - subject_xy[1]
-    if relation == "left of":
-        return dx, dy
-    if relation == "right of":
-        return -dx, dy
-    if relation == "above":
-        return dy, dx
-    if relation == "below":
-        return -dy, dx
-    raise ValueError(f"unknown relation {relation!r}; choose one of: {', '.join(RELATIONS)}")
+    main, orthogonal = (dx, dy) if side in ("left", "right") else (dy, dx)
+    return (main if side in ("left", "top") else -main), orthogonal
 
 
 # --------------------------------------------------------------------------
