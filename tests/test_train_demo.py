@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -179,6 +180,83 @@ def test_layout_probe_moves_layout_and_order_into_the_end_of_text_states(tokeniz
     assert losses[-1] < 0.3 * losses[0], losses
     after = gaps()
     assert after[0] > 1.5 * before[0] and after[1] > 1.5 * before[1], (before, after)
+
+
+def test_slot_probe_gives_each_place_its_own_end_state(tokenizer):
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(0)
+    config = train.text_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.model_max_length)
+    text = CLIPTextModel(config).train()
+    head = train.make_slot_head()
+    captions = ["a red circle above a blue square", "a blue square above a red circle", "a red circle on the left", "a green triangle"]
+    ids = train.tokenize(tokenizer, captions)
+    labels = torch.from_numpy(train.layout_labels(captions))
+    opt = torch.optim.AdamW([*text.parameters(), *head.parameters()], lr=3e-3)
+    for _ in range(60):
+        loss = train.slot_loss(head, text(ids)[0], labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    places, colors = len(world.POSITIONS), list(world.COLORS)
+    with torch.no_grad():
+        logits = head(text(ids)[0][:, -places:])
+    which, color = logits[..., :places].argmax(-1), logits[..., places : places + 1 + len(colors)].argmax(-1)
+    assert (which == torch.arange(places)).all()  # every slot knows its place, whatever the caption
+
+    def color_at(row, place):
+        index = color[row, world.POSITIONS.index(place)].item()
+        return colors[index - 1] if index else None
+
+    assert (color_at(0, "top"), color_at(0, "bottom")) == ("red", "blue")
+    assert (color_at(1, "top"), color_at(1, "bottom")) == ("blue", "red")  # the order decides
+    assert (color_at(2, "left"), color_at(2, "right"), color_at(3, "top")) == ("red", None, None)
+
+
+def test_slot_grounding_loss_asks_each_slot_to_look_at_its_object():
+    places, tokens = len(world.POSITIONS), 16
+    masks = torch.zeros(1, places, train.LATENT_SIZE, train.LATENT_SIZE)
+    top = world.POSITIONS.index("top")
+    masks[0, top, :4, 4:12] = 1  # an object at the top (rows 0-1, columns 2-5 at 8x8); no other place is named
+    slot = tokens - places + top
+
+    def attention(rows, columns):
+        """8x8 attention maps where only the given pixels look at the top slot (and only at it)."""
+        probs = torch.full((1, 8, 8, tokens), 1.0 / (tokens - 1))
+        probs[..., slot] = 0
+        probs[:, rows, columns, :] = 0
+        probs[:, rows, columns, slot] = 1
+        return probs.view(1, 64, tokens)
+
+    on, off = attention(slice(0, 2), slice(2, 6)), attention(slice(5, 8), slice(2, 6))
+    unused = torch.rand(1, 256, tokens)  # a 16x16 layer: not asked
+    assert train.slot_grounding_loss([on, unused], masks) < 0.05
+    assert train.slot_grounding_loss([off, unused], masks) > 0.9
+    assert train.slot_grounding_loss([off], torch.zeros_like(masks)) == 0  # no place named, nothing asked
+
+
+def test_slot_masks_cover_the_object_at_each_named_place(tmp_path):
+    data = train.Data(tmp_path, 60, 0)
+    masks = data.slot_masks()
+    assert masks.shape == (60, len(world.POSITIONS), train.LATENT_SIZE, train.LATENT_SIZE)
+    relations = 0
+    for caption, caption_masks in zip(data.captions, masks):
+        claims = world.parse_claims(caption)
+        named = world.claimed_places(claims)
+        assert [p for p, m in zip(world.POSITIONS, caption_masks) if m.any()] == [p for p in world.POSITIONS if p in named]
+        if claims["relation"]:
+            relations += 1
+            ys, xs = np.mgrid[: train.LATENT_SIZE, : train.LATENT_SIZE]
+
+            def centre(place, grid):
+                m = caption_masks[world.POSITIONS.index(place)].astype(float)
+                return (m * grid).sum() / m.sum()
+
+            side = world.SUBJECT_SIDE[claims["relation"]["relation"]]
+            grid = xs if side in ("left", "right") else ys
+            first, second = ("left", "right") if side in ("left", "right") else ("top", "bottom")
+            assert centre(first, grid) < centre(second, grid), caption
+    assert relations >= 5
 
 
 def test_seed_from_export_reuses_clip_and_vae(tmp_path):

@@ -221,6 +221,24 @@ def test_captions_round_trip_through_the_parser(scenes):
         assert len(parsed.objects) == len(scene.objects)
 
 
+def test_claimed_places_put_each_object_of_a_relation_on_its_side(scenes):
+    def places(caption):
+        return world.claimed_places(world.parse_claims(caption))
+
+    assert places("a blue square above a yellow triangle") == {"top": 0, "bottom": 1}
+    assert places("a yellow triangle below a blue square") == {"bottom": 0, "top": 1}
+    assert places("a red circle to the right of a green square") == {"right": 0, "left": 1}
+    assert places("a large red circle on the left") == {"left": 0}
+    assert places("two green triangles, striped") == places("a red circle and a blue square") == {}
+    for scene in scenes:  # and the rendered objects are there
+        for place, j in world.claimed_places(scene.claims).items():
+            obj, others = scene.objects[j], [o for k, o in enumerate(scene.objects) if k != j]
+            if place in ("left", "right", "top", "bottom") and others:
+                axis = "cx" if place in ("left", "right") else "cy"
+                first = place in ("left", "top")
+                assert all((getattr(obj, axis) < getattr(o, axis)) == first for o in others), scene.caption
+
+
 def test_parsed_prompts_follow_the_words():
     rng = random.Random(0)
     scene = scene_from_prompt("A large red circle on the left.", rng)

@@ -425,6 +425,27 @@ class Data:
     def eval_scenes(self, n: int):
         return self.world.eval_scenes(n)
 
+    def slot_masks(self) -> np.ndarray:
+        """For `slot_grounding_loss`: (n, len(POSITIONS), LATENT_SIZE, LATENT_SIZE) uint8, per place the
+        share of each latent pixel covered by the object the caption puts there (x255), zero where
+        it puts none. Rendered from the scenes once and cached beside the images."""
+        path = self.folder / "slot_masks.npy"
+        if not path.exists():
+            n, seed = (int(part) for part in self.folder.name.split("-")[1:])
+            scenes = self.world.training_scenes(n, seed)
+            if [scene.caption for scene in scenes] != self.captions:
+                raise RuntimeError(f"{self.folder}: the cached captions are not those of training_scenes({n}, {seed})")
+            masks = np.zeros((n, len(self.world.POSITIONS), LATENT_SIZE, LATENT_SIZE), np.uint8)
+            pool = IMAGE_SIZE // LATENT_SIZE
+            for i, scene in enumerate(scenes):
+                object_masks = self.world.render_masks(scene, IMAGE_SIZE)
+                for place, j in self.world.claimed_places(scene.claims).items():
+                    coverage = object_masks[j].reshape(LATENT_SIZE, pool, LATENT_SIZE, pool).mean(axis=(1, 3))
+                    masks[i, self.world.POSITIONS.index(place)] = np.round(coverage * 255)
+            atomic_np_save(path, masks)
+        return np.load(path)
+
+
 
 def images_to_tensor(batch_u8: np.ndarray):
     """uint8 NHWC -> float NCHW in [-1, 1]."""
@@ -538,7 +559,8 @@ class Checkpoint:
 
 
 def optimiser_step(loss, lr: float, *trained: tuple) -> None:
-    """Backward, then for each (parameters, optimiser, lr scale): clip the gradient to norm 1, step at lr x scale."""
+    """Backward, then for each (parameters, optimiser, lr scale): clip the gradient to norm 1, step at lr x scale
+    (x a parameter group's own "lr_scale", where it has one)."""
     import torch
 
     for _, opt, _ in trained:
@@ -547,7 +569,7 @@ def optimiser_step(loss, lr: float, *trained: tuple) -> None:
     for params, opt, scale in trained:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for group in opt.param_groups:
-            group["lr"] = lr * scale
+            group["lr"] = lr * scale * group.get("lr_scale", 1.0)
         opt.step()
 
 
@@ -1082,18 +1104,14 @@ def layout_labels(captions: list[str]) -> np.ndarray:
     for i, caption in enumerate(captions):
         claims = world.parse_claims(caption)
         objects, relation = claims["objects"], claims["relation"]
-        places = {}
         if relation:
             labels[i, 0] = 1 + len(world.POSITIONS) + world.RELATIONS.index(relation["relation"])
-            side = world.SUBJECT_SIDE[relation["relation"]]
-            places = {side: objects[relation["subject"]], world.OPPOSITE_SIDE[side]: objects[relation["object"]]}
         elif objects[0].get("position"):
             labels[i, 0] = 1 + world.POSITIONS.index(objects[0]["position"])
-            places = {objects[0]["position"]: objects[0]}
         for j, obj in enumerate(objects[:2]):
             describe(i, 1 + 2 * j, obj)
-        for position, obj in places.items():
-            describe(i, 5 + 2 * world.POSITIONS.index(position), obj)
+        for position, j in world.claimed_places(claims).items():
+            describe(i, 5 + 2 * world.POSITIONS.index(position), objects[j])
     return labels
 
 
@@ -1120,6 +1138,92 @@ def layout_loss(head, hidden, input_ids, eos_id: int, labels):
     logits = head(pooled).split(probe_classes(), dim=1)
     losses = [torch.nn.functional.cross_entropy(column, labels[:, k]) for k, column in enumerate(logits)]
     return torch.stack(losses).mean()
+
+
+def make_slot_head():
+    """The linear probe of `slot_loss`: a slot's state -> which place it is, and its object's colour and shape."""
+    import torch
+
+    from studio.demo import world
+
+    return torch.nn.Linear(TEXT_WIDTH, len(world.POSITIONS) + 1 + len(world.COLORS) + 1 + len(world.SHAPES))
+
+
+def slot_loss(head, hidden, labels):
+    """Cross-entropy of a probe reading, from the last len(POSITIONS) text states, one place each.
+
+    The causal text encoder cannot tell "blue square" in "a blue square above a yellow
+    triangle" that it goes on top, and the UNet's cross-attention, which mixes token values,
+    then bound relations by a coin flip (x0 at t = 999 was the same for "A above B" and
+    "A below B"). The padding states at the end have read the whole caption: here each one
+    becomes the slot of one place (left, right, top, bottom, center) that names which place it
+    is, so the UNet can find it by a fixed key, and which object is there (its value).
+    labels: `layout_labels`; its columns 5.. are the colour and shape at each place.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from studio.demo import world
+
+    places = len(world.POSITIONS)
+    logits = head(hidden[:, -places:])  # (batch, places, classes)
+    place, color, shape = logits.split((places, 1 + len(world.COLORS), 1 + len(world.SHAPES)), dim=-1)
+    which = torch.arange(places).expand(len(hidden), places)
+    return (
+        F.cross_entropy(place.flatten(0, 1), which.flatten())
+        + F.cross_entropy(color.flatten(0, 1), labels[:, 5::2].flatten())
+        + F.cross_entropy(shape.flatten(0, 1), labels[:, 6::2].flatten())
+    ) / 3
+
+
+class CrossAttentionMaps:
+    """Cross-attention that also keeps its attention probabilities (mean over heads) in `maps`.
+
+    For `slot_grounding_loss` (training only); self-attention goes through diffusers' default
+    processor unchanged.
+    """
+
+    def __init__(self, maps: list):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.maps, self.self_attention = maps, AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        import torch
+
+        if encoder_hidden_states is None:
+            return self.self_attention(attn, hidden_states, attention_mask=attention_mask)
+        query = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(query, key, attention_mask)
+        self.maps.append(probs.view(-1, attn.heads, *probs.shape[1:]).mean(1))
+        return attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, value))))
+
+
+def slot_grounding_loss(maps: list, masks):
+    """TokenCompose's token loss on the place slots: each slot's attention should fall on its object.
+
+    For the 8x8 cross-attention layers (at 16x16 the down path knows too little of where it is
+    when the input is pure noise: a linear probe reads x, y from it with R^2 0.17, from the
+    8x8 features with 0.8), the share of a slot's attention inside the mask of the object at
+    its place; the loss is the mean of (1 - share)^2 over the slots that hold an object.
+    maps: (batch, pixels, tokens) per layer; masks: (batch, places, LATENT_SIZE, LATENT_SIZE) in [0, 1].
+    """
+    import torch
+    import torch.nn.functional as F
+
+    held = masks.flatten(2).sum(-1) > 0
+    losses = []
+    for probs in maps:
+        side = math.isqrt(probs.shape[1])
+        if side != LATENT_SIZE // 2 or not held.any():
+            continue
+        place_masks = F.adaptive_avg_pool2d(masks, side).flatten(2)  # (batch, places, pixels)
+        attention = probs[:, :, -masks.shape[1] :].transpose(1, 2)  # (batch, places, pixels)
+        share = (attention * place_masks).sum(-1) / attention.sum(-1).clamp_min(1e-8)
+        losses.append((1 - share[held]).pow(2).mean())
+    return torch.stack(losses).mean() if losses else torch.zeros(())
 
 
 class LatentBatcher:
@@ -1188,13 +1292,31 @@ def stage_unet(args, work: Work, data: Data, tokenizer, stopper: Stopper) -> boo
         text = CLIPTextModel.from_pretrained(str(work.component("text_encoder")))
     text.requires_grad_(True).train()
     ema, text_ema = EMA(unet, args.ema_decay), EMA(text, args.ema_decay)
-    layout_head = make_layout_head()
-    opt = torch.optim.AdamW(unet.parameters(), lr=spec.lr, weight_decay=0.01)
-    text_params = [*text.parameters(), *layout_head.parameters()]
+    layout_head, slot_head = make_layout_head(), make_slot_head()
+    cross_attention = [p for name, p in unet.named_parameters() if ".attn2." in name]
+    rest = [p for name, p in unet.named_parameters() if ".attn2." not in name]
+    opt = torch.optim.AdamW(
+        [{"params": rest}, {"params": cross_attention, "lr_scale": args.cross_attention_lr_scale}], lr=spec.lr, weight_decay=0.01
+    )
+    text_params = [*text.parameters(), *layout_head.parameters(), *slot_head.parameters()]
     text_opt = torch.optim.AdamW(text_params, lr=spec.lr * args.text_lr_scale, weight_decay=0.01)
     ckpt = Checkpoint(
-        work, "unet", model=unet, ema=ema.model, opt=opt, text=text, text_ema=text_ema.model, text_opt=text_opt, layout_head=layout_head
+        work, "unet", model=unet, ema=ema.model, opt=opt, text=text, text_ema=text_ema.model, text_opt=text_opt,
+        layout_head=layout_head, slot_head=slot_head,
     )
+    attention_maps: list = []
+    if args.slot_loss or args.slot_grounding:
+        longest = max(map(len, tokenizer(data.captions).input_ids))
+        if longest > tokenizer.model_max_length - len(data.world.POSITIONS):
+            raise ValueError(f"captions of up to {longest} tokens leave no room for the place slots")
+    if args.slot_grounding:
+        slot_masks = data.slot_masks()
+        unet.set_attn_processor(
+            {
+                name: CrossAttentionMaps(attention_maps) if name.endswith("attn2.processor") else processor
+                for name, processor in unet.attn_processors.items()
+            }
+        )
     start = ckpt.resume()
     n_params = sum(p.numel() for p in unet.parameters())
     log(f"[unet] UNet2DConditionModel {n_params / 1e6:.2f}M params; {spec.steps} steps of {spec.batch}")
@@ -1220,14 +1342,24 @@ def stage_unet(args, work: Work, data: Data, tokenizer, stopper: Stopper) -> boo
             ckpt.save(step)
             return False
         lr = lr_at(step, spec)
-        _, noisy, t, emb, target, snr, ids, labels = batcher(step, spec.batch)
+        idx, noisy, t, emb, target, snr, ids, labels = batcher(step, spec.batch)
+        attention_maps.clear()
         pred = unet(noisy, t, emb).sample
         loss = diffusion_loss(pred, target, snr)
         probe = layout_loss(layout_head, emb, ids, tokenizer.eos_token_id, labels)
-        optimiser_step(loss + args.layout_loss * probe, lr, (unet.parameters(), opt, 1.0), (text_params, text_opt, args.text_lr_scale))
+        total, extra = loss + args.layout_loss * probe, f" layout-probe {probe.item():.3f}"
+        if args.slot_loss:
+            slots = slot_loss(slot_head, emb, labels)
+            total, extra = total + args.slot_loss * slots, f"{extra} slots {slots.item():.3f}"
+        if args.slot_grounding:
+            masks = torch.from_numpy(slot_masks[idx] / 255.0).float()
+            masks[labels[:, 0] == 0] = 0  # captions dropped for CFG name no place
+            grounding = slot_grounding_loss(attention_maps, masks)
+            total, extra = total + args.slot_grounding * grounding, f"{extra} grounding {grounding.item():.3f}"
+        optimiser_step(total, lr, (unet.parameters(), opt, 1.0), (text_params, text_opt, args.text_lr_scale))
         ema.update(unet, step)
         text_ema.update(text, step)
-        prog.update(step, loss.item(), lr, f" layout-probe {probe.item():.3f}")
+        prog.update(step, loss.item(), lr, extra)
         if ckpt_timer.due():
             ckpt.save(step + 1)
         if eval_timer.due() and step + 1 >= min(spec.warmup, spec.steps):
@@ -1349,6 +1481,15 @@ def parse_args(argv):
         action=argparse.BooleanOptionalAction,
         default=True,
         help="rescale the noise schedule so that t = 999 is pure noise (training and the exported scheduler)",
+    )
+    p.add_argument(
+        "--slot-loss", type=float, default=0.0, help="weight of the probe that makes the last text states one slot per place"
+    )
+    p.add_argument(
+        "--slot-grounding", type=float, default=0.0, help="weight of the loss that puts each place slot's cross-attention on its object"
+    )
+    p.add_argument(
+        "--cross-attention-lr-scale", type=float, default=1.0, help="the UNet's cross-attention lr / the rest of the UNet's lr"
     )
     p.add_argument("--layout-oversample", type=float, default=2.0, help="sampling weight of captions that assert a layout")
     p.add_argument("--controlnet-steps", type=int, default=None, help="override the ControlNet stage length")

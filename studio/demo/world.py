@@ -187,6 +187,20 @@ def position_of(cx: float, cy: float) -> str:
     return "top" if dy < 0 else "bottom"
 
 
+def claimed_places(claims: dict) -> dict[str, int]:
+    """The place (one of POSITIONS) the claims put each object at: {place: object index}.
+
+    A relation names both of its sides ("A above B": A at the top, B at the bottom); a first
+    object's position names one; other captions name none.
+    """
+    relation = claims["relation"]
+    if relation:
+        side = SUBJECT_SIDE[relation["relation"]]
+        return {side: relation["subject"], OPPOSITE_SIDE[side]: relation["object"]}
+    position = claims["objects"][0].get("position")
+    return {position: 0} if position else {}
+
+
 def relation_offsets(subject_xy: tuple[float, float], object_xy: tuple[float, float], relation: str) -> tuple[float, float]:
     """(main, orthogonal) offset of a relation: main > 0 when it points the asserted way.
 
