@@ -1157,7 +1157,9 @@ def slot_loss(head, hidden, labels):
     then bound relations by a coin flip (x0 at t = 999 was the same for "A above B" and
     "A below B"). The padding states at the end have read the whole caption: here each one
     becomes the slot of one place (left, right, top, bottom, center) that names which place it
-    is, so the UNet can find it by a fixed key, and which object is there (its value).
+    is, so the UNet can find it by a fixed key, and which object is there (its value). Only
+    slots whose place holds an object are asked for it: asking the others for "nothing" taught
+    the UNet, which reads the slots, to draw nothing for "a red circle and a blue square".
     labels: `layout_labels`; its columns 5.. are the colour and shape at each place.
     """
     import torch
@@ -1166,14 +1168,14 @@ def slot_loss(head, hidden, labels):
     from studio.demo import world
 
     places = len(world.POSITIONS)
-    logits = head(hidden[:, -places:])  # (batch, places, classes)
+    logits = head(hidden[:, -places:]).flatten(0, 1)  # (batch x places, classes)
     place, color, shape = logits.split((places, 1 + len(world.COLORS), 1 + len(world.SHAPES)), dim=-1)
-    which = torch.arange(places).expand(len(hidden), places)
-    return (
-        F.cross_entropy(place.flatten(0, 1), which.flatten())
-        + F.cross_entropy(color.flatten(0, 1), labels[:, 5::2].flatten())
-        + F.cross_entropy(shape.flatten(0, 1), labels[:, 6::2].flatten())
-    ) / 3
+    loss = F.cross_entropy(place, torch.arange(places).repeat(len(hidden)))
+    held = labels[:, 5::2].flatten() > 0
+    if held.any():
+        loss = loss + F.cross_entropy(color[held], labels[:, 5::2].flatten()[held])
+        loss = loss + F.cross_entropy(shape[held], labels[:, 6::2].flatten()[held])
+    return loss / 3
 
 
 class CrossAttentionMaps:
