@@ -21,7 +21,9 @@ Stages (each one's result is kept under ``<work>/components/``):
    a zero-terminal-SNR noise schedule (without it the noise, not the words,
    decides where shapes go), v-prediction, min-SNR-5-style loss weighting
    (floored at 1 on noisy steps), warm-up + cosine LR, EMA weights,
-   10% caption dropout for classifier-free guidance.  Every few minutes it draws
+   10% caption dropout for classifier-free guidance; optionally (``--slot-loss``,
+   ``--slot-grounding``) the last text states become one slot per place, which the UNet's
+   8x8 cross-attention is taught to read (`slot_loss`).  Every few minutes it draws
    held-out prompts and scores them with ShapesEval, and exports the folder.
 4. ``controlnet``: a ``ControlNetModel`` (initialised from the UNet) trained on
    (sketch, caption) -> image with the UNet and text encoder frozen.
@@ -444,7 +446,6 @@ class Data:
                     masks[i, self.world.POSITIONS.index(place)] = np.round(coverage * 255)
             atomic_np_save(path, masks)
         return np.load(path)
-
 
 
 def images_to_tensor(batch_u8: np.ndarray):
