@@ -135,7 +135,7 @@ def test_layout_labels_name_the_layout_and_the_objects_in_order():
     assert labels[4, 1:5].tolist() == [blue, square, red, circle]  # the order tells the subject
 
     def at(row, position):
-        column = 5 + 2 * positions.index(position)
+        column = train.PLACE_COLUMNS + 2 * positions.index(position)
         return labels[row, column : column + 2].tolist()
 
     assert at(0, "left") == at(0, "center") == [0, 0]  # nothing placed
@@ -233,6 +233,26 @@ def test_slot_grounding_loss_asks_each_slot_to_look_at_its_object():
     assert train.slot_grounding_loss([on, unused], masks) < 0.05
     assert train.slot_grounding_loss([off, unused], masks) > 0.9
     assert train.slot_grounding_loss([off], torch.zeros_like(masks)) == 0  # no place named, nothing asked
+
+
+def test_cross_attention_maps_keep_the_output_and_record_every_layer():
+    torch.manual_seed(0)
+    unet = train.make_unet()
+    gen = torch.Generator().manual_seed(0)
+    noisy = torch.randn(2, train.LATENT_CHANNELS, train.LATENT_SIZE, train.LATENT_SIZE, generator=gen)
+    emb = torch.randn(2, tok_mod.MAX_LENGTH, train.TEXT_WIDTH, generator=gen)
+    t = torch.tensor([999, 500])
+    with torch.no_grad():
+        plain = unet(noisy, t, emb).sample
+    maps: list = []
+    unet.set_attn_processor(
+        {name: train.CrossAttentionMaps(maps) if name.endswith("attn2.processor") else p for name, p in unet.attn_processors.items()}
+    )
+    with torch.no_grad():
+        assert torch.allclose(unet(noisy, t, emb).sample, plain, atol=1e-5)
+    sides = sorted(int(m.shape[1] ** 0.5) for m in maps)
+    assert sides == [8, 8, 8, 8, 16, 16, 16]  # down, mid and up blocks at 16x16 and 8x8
+    assert all(torch.allclose(m.sum(-1), torch.ones(())) for m in maps)  # each pixel's attention over the tokens
 
 
 def test_slot_masks_cover_the_object_at_each_named_place(tmp_path):

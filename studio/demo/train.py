@@ -1073,6 +1073,9 @@ def diffusion_loss(model_out, target, snr, gamma: float = 5.0):
     return (per * w).mean()
 
 
+PLACE_COLUMNS = 5  # `layout_labels`' first column of the (colour, shape) pairs at each place
+
+
 def probe_classes() -> tuple[int, ...]:
     """Classes of each column of `layout_labels`."""
     from studio.demo import world
@@ -1112,7 +1115,7 @@ def layout_labels(captions: list[str]) -> np.ndarray:
         for j, obj in enumerate(objects[:2]):
             describe(i, 1 + 2 * j, obj)
         for position, j in world.claimed_places(claims).items():
-            describe(i, 5 + 2 * world.POSITIONS.index(position), objects[j])
+            describe(i, PLACE_COLUMNS + 2 * world.POSITIONS.index(position), objects[j])
     return labels
 
 
@@ -1161,7 +1164,7 @@ def slot_loss(head, hidden, labels):
     is, so the UNet can find it by a fixed key, and which object is there (its value). Only
     slots whose place holds an object are asked for it: asking the others for "nothing" taught
     the UNet, which reads the slots, to draw nothing for "a red circle and a blue square".
-    labels: `layout_labels`; its columns 5.. are the colour and shape at each place.
+    labels: `layout_labels`; from PLACE_COLUMNS on, the colour and shape at each place.
     """
     import torch
     import torch.nn.functional as F
@@ -1172,10 +1175,12 @@ def slot_loss(head, hidden, labels):
     logits = head(hidden[:, -places:]).flatten(0, 1)  # (batch x places, classes)
     place, color, shape = logits.split((places, 1 + len(world.COLORS), 1 + len(world.SHAPES)), dim=-1)
     loss = F.cross_entropy(place, torch.arange(places).repeat(len(hidden)))
-    held = labels[:, 5::2].flatten() > 0
+    color_there = labels[:, PLACE_COLUMNS::2].flatten()
+    shape_there = labels[:, PLACE_COLUMNS + 1 :: 2].flatten()
+    held = color_there > 0
     if held.any():
-        loss = loss + F.cross_entropy(color[held], labels[:, 5::2].flatten()[held])
-        loss = loss + F.cross_entropy(shape[held], labels[:, 6::2].flatten()[held])
+        loss = loss + F.cross_entropy(color[held], color_there[held])
+        loss = loss + F.cross_entropy(shape[held], shape_there[held])
     return loss / 3
 
 
