@@ -170,6 +170,20 @@ def test_small_spurious_blobs_are_ignored():
     assert [(d.shape, d.color) for d in detections] == [("square", "green")]
 
 
+@pytest.mark.parametrize("shape", ["circle", "square", "triangle"])
+def test_an_outline_with_a_gap_keeps_its_shape(shape):
+    # A generated outline often fades out somewhere; hole filling then leaves an open ring,
+    # whose narrow sides once read as a triangle's tip. Cut the outline open on its left.
+    scene = _single(shape, "blue", fill="outline", background="black")
+    pixels = np.asarray(render(scene)).copy()
+    ink = (pixels.max(axis=-1) > 60).nonzero()
+    middle = (ink[0].min() + ink[0].max()) // 2
+    pixels[middle - 2 : middle + 3, : (ink[1].min() + ink[1].max()) // 2] = world.BACKGROUNDS["black"]
+    open_ring = pixels.max(axis=-1) > 60
+    assert (shapes_eval._fill_holes(open_ring) == open_ring).all()  # the cut left nothing enclosed
+    assert [(d.shape, d.color) for d in detect(Image.fromarray(pixels))] == [(shape, "blue")]
+
+
 def test_touching_objects_of_different_colours_are_split():
     pixels = np.full((64, 64, 3), 255, dtype=np.uint8)
     pixels[10:40, 10:30] = world.COLORS["red"]

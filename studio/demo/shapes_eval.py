@@ -9,8 +9,9 @@ off that silhouette:
 * colour: the hue of its most saturated pixels, snapped to the nearest named
   colour (all named colours are saturated and all backgrounds achromatic, so
   hue alone separates them, and hue survives blending with the background);
-* shape: whether it tapers to a narrow end (triangle), else how much of its
-  bounding box it fills (square ~1.0, circle ~0.79);
+* shape: whether its convex hull tapers to a narrow end (triangle), else how
+  much of its bounding box the hull fills (square ~1.0, circle ~0.79); every
+  shape of the world is convex, and the hull closes an outline with a faint gap;
 * size: its half extent against `world.SIZE_THRESHOLD`;
 * position: the centre of its bounding box (the world's `cx, cy`);
 * fill: the pattern of ink inside the outline band (none, all, rows, spots).
@@ -211,6 +212,40 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
     return filled
 
 
+def _convex_hull(mask: np.ndarray) -> np.ndarray:
+    """The smallest convex region holding every pixel of the mask (Andrew's monotone chain).
+
+    Every shape of the world is convex, so the hull is the shape's silhouette even
+    where a drawn outline has a faint gap or runs off the image edge; hole
+    filling leaves such a ring open, and a ring's narrow sides read as a triangle's tip.
+    Only each row's leftmost and rightmost pixels can be hull corners.
+    """
+    ys, xs = np.nonzero(mask)
+    if len(ys) < 3:
+        return mask.copy()
+    points = set()
+    for y in np.unique(ys):
+        row = xs[ys == y]
+        points.update({(int(row.min()), int(y)), (int(row.max()), int(y))})
+
+    def half(sorted_points):
+        chain = []
+        for p in sorted_points:
+            while len(chain) >= 2 and (
+                (chain[-1][0] - chain[-2][0]) * (p[1] - chain[-2][1])
+                - (chain[-1][1] - chain[-2][1]) * (p[0] - chain[-2][0])
+            ) <= 0:
+                chain.pop()
+            chain.append(p)
+        return chain[:-1]
+
+    ordered = sorted(points)
+    corners = half(ordered) + half(ordered[::-1])
+    canvas = Image.new("1", (mask.shape[1], mask.shape[0]), 0)
+    ImageDraw.Draw(canvas).polygon(corners, fill=1, outline=1)
+    return np.array(canvas, dtype=bool) | mask
+
+
 def _distance_to_outside(mask: np.ndarray) -> np.ndarray:
     """Euclidean distance (px) from each mask pixel to the nearest pixel outside it (0 outside).
 
@@ -323,7 +358,7 @@ def _describe(silhouette: np.ndarray, inkiness: np.ndarray, color: str) -> Detec
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
     half_extent = max((x1 - x0) / w, (y1 - y0) / h) / 2
     return Detection(
-        shape=_classify_shape(silhouette),
+        shape=_classify_shape(_convex_hull(silhouette)),
         color=color,
         fill=_classify_fill(silhouette, inkiness),
         size="large" if half_extent > world.SIZE_THRESHOLD else "small",
