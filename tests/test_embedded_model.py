@@ -111,26 +111,31 @@ def test_position_words_place_the_shape(embedded_studio, prompt):
 
 
 @pytest.mark.parametrize(
-    "prompt, vertical",
-    [("a blue square above a yellow triangle on a black background", True), ("a red circle to the left of a green square", False)],
+    "prompt",
+    [
+        "a blue square above a yellow triangle on a black background",
+        "a yellow triangle above a blue square on a black background",
+        "a red circle to the left of a green square",
+        "a green square to the left of a red circle",
+    ],
 )
-def test_relation_words_set_the_axis(embedded_studio, prompt, vertical):
-    """The two objects are drawn one above the other for "above", side by side for "left of".
+def test_relations_put_the_right_object_first(embedded_studio, prompt):
+    """"A above B" draws A above B, and swapping the words swaps the objects (in 2 of 3 seeds).
 
-    Which of the two goes first is not asserted: the model binds that by a coin flip
-    (ShapesEval's relation prompts are right about a third of the time; see benchmarks/train_log.md).
+    Each object is found by its colour (the largest detection of that colour).
     """
-    colors = [obj["color"] for obj in world.parse_claims(prompt)["objects"]]
-    on_axis = 0
+    claims = world.parse_claims(prompt)
+    relation = claims["relation"]
+    colors = [obj["color"] for obj in claims["objects"]]
+    right = 0
     for seed in (1, 2, 3):
         detections = shapes_eval.detect(embedded_studio.text_to_image(prompt, seed=seed, num_inference_steps=20).images[0])
-        centres = []
+        largest = {}
         for color in colors:
             found = [d for d in detections if d.color == color]
             if found:
-                largest = max(found, key=lambda d: d.area)
-                centres.append((largest.cx, largest.cy))
-        if len(centres) == 2:
-            dx, dy = abs(centres[0][0] - centres[1][0]), abs(centres[0][1] - centres[1][1])
-            on_axis += (dy > dx) if vertical else (dx > dy)
-    assert on_axis >= 2, (prompt, on_axis)
+                largest[color] = max(found, key=lambda d: d.area)
+        if len(largest) == 2:
+            subject, obj = largest[colors[relation["subject"]]], largest[colors[relation["object"]]]
+            right += shapes_eval.relation_holds(subject, obj, relation["relation"])
+    assert right >= 2, (prompt, right)
