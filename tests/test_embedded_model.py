@@ -110,32 +110,32 @@ def test_position_words_place_the_shape(embedded_studio, prompt):
     assert sum(all(v.values()) for v in verdicts) >= 2, verdicts
 
 
-@pytest.mark.parametrize(
-    "prompt",
-    [
-        "a blue square above a yellow triangle on a black background",
-        "a yellow triangle above a blue square on a black background",
-        "a red circle to the left of a green square",
-        "a green square to the left of a red circle",
-    ],
-)
-def test_relations_put_the_right_object_first(embedded_studio, prompt):
-    """"A above B" draws A above B, and swapping the words swaps the objects (in 2 of 3 seeds).
+RELATION_PROMPTS = [
+    "a blue square above a yellow triangle on a black background",
+    "a yellow triangle above a blue square on a black background",
+    "a red circle to the left of a green square",
+    "a green square to the left of a red circle",
+]
 
-    Each object is found by its colour (the largest detection of that colour).
+
+def test_relations_put_the_right_object_first(embedded_studio):
+    """"A above B" draws A above B, and swapping the words swaps the objects.
+
+    Both word orders of two relations, 8 seeds each; each object is found by its colour (the
+    largest detection of that colour). This model gets 25 of the 32 right; the previous one,
+    which drew relations on the right axis but bound the order by chance, 14.
     """
-    claims = world.parse_claims(prompt)
-    relation = claims["relation"]
-    colors = [obj["color"] for obj in claims["objects"]]
-    right = 0
-    for seed in (1, 2, 3):
-        detections = shapes_eval.detect(embedded_studio.text_to_image(prompt, seed=seed, num_inference_steps=20).images[0])
-        largest = {}
-        for color in colors:
-            found = [d for d in detections if d.color == color]
-            if found:
-                largest[color] = max(found, key=lambda d: d.area)
-        if len(largest) == 2:
-            subject, obj = largest[colors[relation["subject"]]], largest[colors[relation["object"]]]
-            right += shapes_eval.relation_holds(subject, obj, relation["relation"])
-    assert right >= 2, (prompt, right)
+    right = []
+    for prompt in RELATION_PROMPTS:
+        claims = world.parse_claims(prompt)
+        relation = claims["relation"]
+        colors = [obj["color"] for obj in claims["objects"]]
+        for seed in range(1, 9):
+            image = embedded_studio.text_to_image(prompt, seed=seed, num_inference_steps=20).images[0]
+            largest = {}
+            for detection in sorted(shapes_eval.detect(image), key=lambda d: d.area):
+                largest[detection.color] = detection
+            if all(color in largest for color in colors):
+                subject, obj = largest[colors[relation["subject"]]], largest[colors[relation["object"]]]
+                right.append((prompt, seed, shapes_eval.relation_holds(subject, obj, relation["relation"])))
+    assert sum(holds for _, _, holds in right) >= 22, right

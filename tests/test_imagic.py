@@ -245,7 +245,8 @@ def test_embedded_imagic_turns_a_red_circle_blue_in_place(tmp_path):
     # The toy UNet is small: a full fine-tune at 1e-4 fits the image in 150 steps (~25 s on 2 CPU cores),
     # where a LoRA on its attention projections needs far more steps to pin down the shape and place.
     # Fitted that closely, the edit needs eta past 1: with this model the circle is still red at 1.25
-    # (5% of it blue) and blue at 1.5 (81%), the schema's upper bound.
+    # (5% of it blue) and blue at 1.5 (81%), the schema's upper bound: a model that needs more would
+    # need a shorter fine-tune here instead.
     result = studio.imagic(
         "a large blue circle on the left on a white background", path, seed=1, eta=1.5,
         embedding_steps=150, embedding_lr=2e-3, finetune_steps=150, finetune_lr=1e-4, num_inference_steps=20,

@@ -173,14 +173,15 @@ def test_small_spurious_blobs_are_ignored():
 @pytest.mark.parametrize("shape", ["circle", "square", "triangle"])
 def test_an_outline_with_a_gap_keeps_its_shape(shape):
     # A generated outline often fades out somewhere; hole filling then leaves an open ring,
-    # whose narrow sides once read as a triangle's tip. Cut the outline open on its left.
+    # whose narrow sides once read as a triangle's tip (a circle's and a square's did; the
+    # triangle checks that reading the hull keeps triangles). Cut the outline open on its left.
     scene = _single(shape, "blue", fill="outline", background="black")
     pixels = np.asarray(render(scene)).copy()
     ink = (pixels.max(axis=-1) > 60).nonzero()
     middle = (ink[0].min() + ink[0].max()) // 2
     pixels[middle - 2 : middle + 3, : (ink[1].min() + ink[1].max()) // 2] = world.BACKGROUNDS["black"]
     open_ring = pixels.max(axis=-1) > 60
-    assert (shapes_eval._fill_holes(open_ring) == open_ring).all()  # the cut left nothing enclosed
+    assert (shapes_eval._fill_holes(open_ring) == open_ring).all()  # the cut left nothing enclosed (at 64 px)
     assert [(d.shape, d.color) for d in detect(Image.fromarray(pixels))] == [(shape, "blue")]
 
 

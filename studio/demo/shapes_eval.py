@@ -215,22 +215,18 @@ def _fill_holes(mask: np.ndarray) -> np.ndarray:
 def _convex_hull(mask: np.ndarray) -> np.ndarray:
     """The smallest convex region holding every pixel of the mask (Andrew's monotone chain).
 
-    Every shape of the world is convex, so the hull is the shape's silhouette even
-    where a drawn outline has a faint gap or runs off the image edge; hole
-    filling leaves such a ring open, and a ring's narrow sides read as a triangle's tip.
-    Only each row's leftmost and rightmost pixels can be hull corners.
+    Only each row's leftmost and rightmost pixels can be corners.
     """
-    ys, xs = np.nonzero(mask)
+    ys, xs = np.nonzero(mask)  # row-major: each row's pixels are together, left to right
     if len(ys) < 3:
         return mask.copy()
-    points = set()
-    for y in np.unique(ys):
-        row = xs[ys == y]
-        points.update({(int(row.min()), int(y)), (int(row.max()), int(y))})
+    rows, first = np.unique(ys, return_index=True)
+    last = np.r_[first[1:], len(ys)] - 1
+    points = sorted({(int(x), int(y)) for y, a, b in zip(rows, xs[first], xs[last]) for x in (a, b)})
 
-    def half(sorted_points):
+    def half(ordered):
         chain = []
-        for p in sorted_points:
+        for p in ordered:
             while len(chain) >= 2 and (
                 (chain[-1][0] - chain[-2][0]) * (p[1] - chain[-2][1])
                 - (chain[-1][1] - chain[-2][1]) * (p[0] - chain[-2][0])
@@ -239,11 +235,9 @@ def _convex_hull(mask: np.ndarray) -> np.ndarray:
             chain.append(p)
         return chain[:-1]
 
-    ordered = sorted(points)
-    corners = half(ordered) + half(ordered[::-1])
     canvas = Image.new("1", (mask.shape[1], mask.shape[0]), 0)
-    ImageDraw.Draw(canvas).polygon(corners, fill=1, outline=1)
-    return np.array(canvas, dtype=bool) | mask
+    ImageDraw.Draw(canvas).polygon(half(points) + half(points[::-1]), fill=1, outline=1)
+    return np.array(canvas, dtype=bool)
 
 
 def _distance_to_outside(mask: np.ndarray) -> np.ndarray:
