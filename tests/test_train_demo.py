@@ -245,9 +245,7 @@ def test_cross_attention_maps_keep_the_output_and_record_every_layer():
     with torch.no_grad():
         plain = unet(noisy, t, emb).sample
     maps: list = []
-    unet.set_attn_processor(
-        {name: train.CrossAttentionMaps(maps) if name.endswith("attn2.processor") else p for name, p in unet.attn_processors.items()}
-    )
+    train.CrossAttentionMaps.install(unet, maps)
     with torch.no_grad():
         assert torch.allclose(unet(noisy, t, emb).sample, plain, atol=1e-5)
     sides = sorted(int(m.shape[1] ** 0.5) for m in maps)

@@ -1208,6 +1208,16 @@ class CrossAttentionMaps:
         self.maps.append(probs.view(-1, attn.heads, *probs.shape[1:]).mean(1))
         return attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs, value))))
 
+    @classmethod
+    def install(cls, unet, maps: list) -> None:
+        """Route every cross-attention layer of `unet` through one recorder appending to `maps`."""
+        unet.set_attn_processor(
+            {
+                name: cls(maps) if name.endswith("attn2.processor") else processor
+                for name, processor in unet.attn_processors.items()
+            }
+        )
+
 
 def slot_grounding_loss(maps: list, masks):
     """TokenCompose's token loss on the place slots: each slot's attention should fall on its object.
@@ -1319,12 +1329,7 @@ def stage_unet(args, work: Work, data: Data, tokenizer, stopper: Stopper) -> boo
             raise ValueError(f"captions of up to {longest} tokens leave no room for the place slots")
     if args.slot_grounding:
         slot_masks = data.slot_masks()
-        unet.set_attn_processor(
-            {
-                name: CrossAttentionMaps(attention_maps) if name.endswith("attn2.processor") else processor
-                for name, processor in unet.attn_processors.items()
-            }
-        )
+        CrossAttentionMaps.install(unet, attention_maps)
     start = ckpt.resume()
     n_params = sum(p.numel() for p in unet.parameters())
     log(f"[unet] UNet2DConditionModel {n_params / 1e6:.2f}M params; {spec.steps} steps of {spec.batch}")
