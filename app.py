@@ -39,7 +39,7 @@ from PIL import Image, ImageChops
 from studio import server
 from studio.images import open_image, sha256_bytes
 from studio.outputs import atomic_write_new
-from studio.progress import GenerationCancelled, Progress
+from studio.progress import GenerationCancelled, JobTimedOut, Progress
 from studio.requests import (
     IMAGE_FIELDS,
     MAX_BATCH_SIZE,
@@ -76,6 +76,10 @@ SHORT_TITLES = {
 PROMPT_LABELS = {"imagic": "prompt (the target text)", "style_transfer": "prompt (the style, in words)"}
 DEFAULT_SCHEDULER = "model default"
 HISTORY_LIMIT = 200  # images kept in a session's history gallery
+# Gradio's upload cache (uploads, and copies of the results it served) is swept hourly of files older
+# than a day; inputs the studio stored in outputs/inputs/ (for replay and "send to") are kept a week.
+UPLOAD_CACHE_SWEEP = (3600, 24 * 3600)
+INPUT_MAX_AGE = 7 * 24 * 3600
 PREVIEW_SECONDS = 0.25  # the least time between two live previews of one job
 # Brush colours: the toy world's palette (the embedded model knows these) plus black, white and grey.
 SKETCH_COLORS = ["#000000", "#ffffff", "#808080", "#dc1e1e", "#fa8700", "#f0dc00", "#1ea53c", "#285ae1", "#912dc8"]
@@ -117,11 +121,36 @@ def uploaded_file(component):
 
     def preprocess(payload):
         if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
+            _require_uploaded(payload.path, component.label)
             return payload.path
         return _readable(original, payload, component.label)
 
     component.preprocess = preprocess
     return component
+
+
+def uploaded_files(component):
+    """A gr.File input that accepts only files uploaded to this server (never a path on its disk)."""
+    original = component.preprocess
+
+    def preprocess(payload):
+        items = getattr(payload, "root", None) if payload is not None else None
+        for item in items if isinstance(items, list) else [payload]:
+            if item is not None and getattr(item, "path", None):
+                _require_uploaded(item.path, component.label)
+        return original(payload)
+
+    component.preprocess = preprocess
+    return component
+
+
+def _require_uploaded(path: str, label) -> None:
+    """RequestGuard already refuses file inputs that are not uploads; this holds even where a route
+    bypasses it. The message is the same whether or not the path exists: it tells nothing of the disk."""
+    from gradio.utils import get_upload_folder
+
+    if not server.is_inside(path, get_upload_folder()):
+        raise gr.Error(f"{_what(label)}: upload the file; paths on the server are not accepted", print_exception=False)
 
 
 def checked_editor(component, max_pixels: int):
@@ -132,6 +161,7 @@ def checked_editor(component, max_pixels: int):
         if payload is not None and getattr(payload, "id", None) is None:
             for item in [payload.background, payload.composite, *(payload.layers or [])]:
                 if item is not None and item.path:
+                    _require_uploaded(item.path, component.label)
                     _check_header(item.path, max_pixels, component.label)
         return _readable(original, payload, component.label)
 
@@ -325,6 +355,7 @@ class StudioUI:
         self.jobs: dict[str, threading.Event] = {}  # session -> cancel flag of its running job
         self.preload_seconds: float | None = None
         self.preload_error: str | None = None
+        self.last_prune = 0.0  # when stored inputs were last pruned (time.time())
 
     # -- inputs ---------------------------------------------------------------------------------
 
@@ -347,9 +378,26 @@ class StudioUI:
         image.save(buffer, format="PNG")
         data = buffer.getvalue()
         path = self.outputs / "inputs" / f"{sha256_bytes(data)[:20]}.png"
+        self.prune_inputs()
         if not path.exists():
             atomic_write_new(path, data)
         return str(path)
+
+    def prune_inputs(self, now: float | None = None) -> int:
+        """Delete stored inputs older than INPUT_MAX_AGE (at most once an hour); returns how many."""
+        now = time.time() if now is None else now
+        if now - self.last_prune < 3600:
+            return 0
+        self.last_prune = now
+        removed = 0
+        for old in (self.outputs / "inputs").glob("*.png"):
+            try:
+                if now - old.stat().st_mtime > INPUT_MAX_AGE:
+                    old.unlink()
+                    removed += 1
+            except OSError:
+                continue
+        return removed
 
     def inside_outputs(self, path) -> Path | None:
         """The path if it is an existing file inside the outputs folder (symlinks resolved), else None."""
@@ -442,6 +490,12 @@ class StudioUI:
         except Exception as error:  # shown in the Models tab; the UI still works (other models)
             self.preload_error = str(error)
             log.warning("could not preload the model: %s", error)
+
+    def offered_models(self) -> set[str]:
+        """The model references this server lists (the Models tab's choices)."""
+        from studio.models import list_local_models
+
+        return {self.settings.model, *(entry["reference"] for entry in list_local_models(self.settings))}
 
     def swap_settings(self, **changes) -> None:
         """New settings take effect through a fresh Studio (the old models are freed first)."""
@@ -774,6 +828,8 @@ def _build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
         try:
             fields = tab.fields(values, ui)
             paths, result = yield from _show_previews(ui.stream(task, fields, _session(request), progress))
+        except JobTimedOut as error:
+            raise gr.Error(str(error), title="Stopped", print_exception=False) from None
         except GenerationCancelled:
             gr.Warning("Cancelled; nothing was finished, so nothing was saved.")
             yield [], gr.skip(), "Cancelled.", gr.skip(), gr.skip()  # no half-sampled preview left as a result
@@ -859,21 +915,21 @@ def _build_batch_tab(ui: StudioUI, history: gr.State) -> BatchTab:
                 "Editing jobs name their images by file name: upload those images too. "
                 "Bad lines are reported by number and the other jobs still run."
             )
-            jobs = gr.File(
+            jobs = uploaded_files(gr.File(
                 label="jobs (.jsonl or .csv)",
                 file_types=[".jsonl", ".csv", ".json", ".txt"],
                 type="filepath",
                 height=150,
                 elem_id="batch-jobs",
-            )
-            images = gr.File(
+            ))
+            images = uploaded_files(gr.File(
                 label="images the jobs name (optional)",
                 file_count="multiple",
                 file_types=["image"],
                 type="filepath",
                 height=150,
                 elem_id="batch-images",
-            )
+            ))
             with gr.Row():
                 run_button = gr.Button("Run batch", variant="primary", scale=3, elem_id="batch-run")
                 tab.cancel_button = gr.Button("Cancel", variant="stop", scale=1, elem_id="batch-cancel")
@@ -922,6 +978,7 @@ def _run_batch(ui: StudioUI, jobs, images, history, request, progress):
     session = _session(request)
     cancel = threading.Event()
     lines: list[str] = []
+    counter = {"job": 0, "failed": 0}
     cancelled = False
     try:
         shutil.copyfile(jobs, jobs_path)
@@ -930,7 +987,6 @@ def _run_batch(ui: StudioUI, jobs, images, history, request, progress):
             name = _SAFE_NAME.sub("_", Path(image).name).lstrip(".") or "image"
             shutil.copyfile(image, work / name)
         total = len(read_jobs(jobs_path, ui.settings.max_batch_lines))
-        counter = {"job": 0}
 
         def progress_factory():
             if cancel.is_set():
@@ -946,10 +1002,12 @@ def _run_batch(ui: StudioUI, jobs, images, history, request, progress):
 
         def on_job(job, status, detail):
             lines.append(f"line {job.line}: {status}: {detail}")
+            counter["failed"] += status == "failed"
 
         ui.jobs[session] = cancel
         with ui.device_lock:
-            run_batch(ui.studio, jobs_path, out_dir, progress_factory, on_job)
+            # A line may name only the models this server lists, and images uploaded with the batch.
+            run_batch(ui.studio, jobs_path, out_dir, progress_factory, on_job, allowed_models=ui.offered_models())
     except GenerationCancelled:
         cancelled = True
         lines.append("cancelled: the finished files are kept")
@@ -967,8 +1025,8 @@ def _run_batch(ui: StudioUI, jobs, images, history, request, progress):
             for path in sorted(out_dir.rglob("*")):
                 if path.is_file() and not path.name.startswith("."):
                     bundle.write(path, path.relative_to(out_dir).as_posix())
-    failed = sum(1 for line in lines if ": failed: " in line)
     status = f"{len(files)} image{'s' if len(files) != 1 else ''} in `{out_dir.name}`"
+    failed = counter["failed"]
     if failed:
         status += f"; {failed} line{'s' if failed != 1 else ''} failed (see the log)"
     if cancelled:
@@ -1177,7 +1235,7 @@ def build_app(studio, settings: Settings, *, queue_size: int = server.DEFAULT_QU
     """
     ui = StudioUI(studio, settings)
     task_tabs: dict[str, TaskTab] = {}
-    with gr.Blocks(title="Studio", analytics_enabled=False) as demo:
+    with gr.Blocks(title="Studio", analytics_enabled=False, delete_cache=UPLOAD_CACHE_SWEEP) as demo:
         history = gr.State([])  # this session's images, newest first: [(path, caption)]
         history_gallery = gr.Gallery(
             label="history",
@@ -1257,10 +1315,13 @@ def launch(
     auth=None,
     share: bool = False,
     max_upload=server.DEFAULT_MAX_UPLOAD,
+    allowed_hosts=(),
     quiet: bool = False,
 ):
     """Serve the app as `main()` does (tests call this with block=False and a free port)."""
-    options = server.launch_kwargs(settings, auth=auth, share=share, max_upload=max_upload, quiet=quiet)
+    options = server.launch_kwargs(
+        settings, auth=auth, share=share, max_upload=max_upload, allowed_hosts=allowed_hosts, quiet=quiet
+    )
     return demo.launch(prevent_thread_lock=not block, css=CSS, **options)
 
 
@@ -1282,7 +1343,16 @@ def main(argv: list[str] | None = None) -> int:
 
     imported = server.process_age()
     demo = build_app(Studio(settings), settings, queue_size=args.queue_size)
-    _, local_url, _ = launch(demo, settings, block=False, auth=auth, share=args.share, max_upload=args.max_upload)
+    allowed_hosts = [host.strip() for host in args.allowed_hosts.split(",") if host.strip()]
+    _, local_url, _ = launch(
+        demo,
+        settings,
+        block=False,
+        auth=auth,
+        share=args.share,
+        max_upload=args.max_upload,
+        allowed_hosts=allowed_hosts,
+    )
     server.wait_until_ready(local_url)
     ready = server.process_age()
     print(

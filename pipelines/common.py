@@ -1,14 +1,18 @@
-"""What every task module shares: the context it runs in, seeds, prompt checks and safe decoding."""
+"""What every task module shares: the context it runs in, seeds, prompt checks, the output size check
+and safe decoding."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
-from studio.models import LoadedModel, ModelManager
+from studio.devices import default_max_output_pixels, pick_device
+from studio.models import LoadedModel, ModelManager, hub_snapshot_folder, resolve_model_ref
 from studio.progress import Progress
-from studio.requests import BaseRequest
+from studio.requests import BaseRequest, StudioInputError
 from studio.schedulers import make_scheduler
 from studio.settings import Settings
 
@@ -55,8 +59,80 @@ def with_scheduler(context: TaskContext, loaded: LoadedModel, pipe, scheduler_na
 
 def default_size(pipe, request: BaseRequest) -> tuple[int, int]:
     """The request's size, or the model's native one."""
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    native = native_side(pipe)
     return request.width or native, request.height or native
+
+
+def check_output_size(request: BaseRequest, context: TaskContext) -> None:
+    """Refuse, before any model is loaded, a request whose images add up to more than max_output_pixels:
+    one such job would hold the device (and gigabytes of memory) for every other client."""
+    loaded = _loaded_model(context.models, request.model)
+    native = native_side(loaded.pipe) if loaded else _native_side_from_config(context.models, request.model)
+    size = planned_size(request, context.images, native)
+    if size is None:
+        return  # the size depends on a model we cannot read without loading it
+    limit, where = context.settings.max_output_pixels, ""
+    if limit is None:
+        try:
+            device = loaded.device if loaded else pick_device(context.settings.device)
+        except ValueError:  # reported when the model loads
+            device = torch.device("cpu")
+        limit, where = default_max_output_pixels(device), f" on {device.type}"
+    width, height = size
+    pixels = width * height * request.batch_size
+    if pixels > limit:
+        images = f"{request.batch_size} image{'s' if request.batch_size > 1 else ''}"
+        raise StudioInputError(
+            f"{width}x{height} x {images} = {pixels / 1e6:.3g} MP is more than this studio's limit of "
+            f"{limit / 1e6:.3g} MP per request{where}; ask for a smaller size or fewer images, or raise the limit "
+            "(max_output_pixels: --max-output-pixels or STUDIO_MAX_OUTPUT_PIXELS)"
+        )
+
+
+def planned_size(request: BaseRequest, images: dict, native: int | None) -> tuple[int, int] | None:
+    """About the size the task will render at (its run() has the exact rule); None when only the model knows."""
+    width, height = request.width, request.height
+    only_masked = getattr(request, "only_masked", False)  # inpaints a crop at width x height, default native
+    source = None if only_masked else images.get("image", images.get("control_image"))
+    if source is not None and bool(width) != bool(height):  # the other side follows the input's aspect ratio
+        width = width or round(height * source.width / source.height)
+        height = height or round(width * source.height / source.width)
+    if not (width and height) and source is not None and request.task == "inpaint":
+        width, height = source.size  # inpainting keeps the image's size
+    if not (width and height):
+        if native is None:
+            return None
+        width, height = width or native, height or native  # other tasks: about the model's native area
+    if request.task == "inpaint" and not only_masked:
+        width += request.outpaint_left + request.outpaint_right
+        height += request.outpaint_up + request.outpaint_down
+    return width, height
+
+
+def native_side(pipe) -> int:
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
+def _loaded_model(models: ModelManager, reference: str | None) -> LoadedModel | None:
+    try:
+        ref = resolve_model_ref(reference, models.settings)
+    except StudioInputError:
+        return None  # reported when the task loads the model
+    return models.get(reference) if ref in models.loaded_models() else None
+
+
+def _native_side_from_config(models: ModelManager, reference: str | None) -> int | None:
+    """A diffusers folder's native size from its configs, without loading it; None for single files."""
+    try:
+        ref = resolve_model_ref(reference, models.settings)
+        if ref.kind == "single_file":
+            return None
+        folder = hub_snapshot_folder(ref.location) if ref.kind == "hub" else Path(ref.location)
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (StudioInputError, OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def warn_if_truncated(pipe, prompt: str, context: TaskContext, field_name: str = "prompt") -> None:
@@ -82,29 +158,63 @@ def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     return latents / vae.config.scaling_factor
 
 
+# One image above this many pixels is decoded in tiles of the VAE's own size: bounded memory, and a cancel
+# check before every tile. Smaller images (SDXL's 1024² included) decode whole, their pixels as before.
+TILED_DECODE_PIXELS = 2 * 1024 * 1024
+
+
 @torch.no_grad()
-def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """Decode latents to images in [0, 1] (N, 3, H, W) on the CPU, retrying in fp32 if fp16 overflows.
+def decode_latents(pipe, latents: torch.Tensor, progress: Progress | None = None) -> torch.Tensor:
+    """Decode latents to images in [0, 1] (N, 3, H, W) on the CPU, one image at a time, retrying in fp32 if
+    fp16 overflows. With `progress`, a cancel or time-out stops the decode between images and decoder blocks.
 
     Raises NonFiniteOutputError rather than returning NaN/inf pixels (which would be saved as black).
     """
     if not torch.isfinite(latents).all():
         raise NonFiniteOutputError("the sampler produced NaN/inf latents; try another scheduler, fewer steps or fp32")
     vae = pipe.vae
+    original_dtype, was_tiling = vae.dtype, getattr(vae, "use_tiling", None)
     force_fp32 = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-    images = None
-    if not force_fp32:
-        images = vae.decode(unscale_latents(vae, latents).to(vae.device, vae.dtype)).sample
-    if images is None or (not torch.isfinite(images).all() and vae.dtype != torch.float32):
-        original_dtype = vae.dtype
-        vae.to(torch.float32)
-        try:
-            images = vae.decode(unscale_latents(vae, latents).to(vae.device, torch.float32)).sample
-        finally:
+    if was_tiling is not None and latents[0, 0].numel() * pipe.vae_scale_factor**2 > TILED_DECODE_PIXELS:
+        vae.use_tiling = True
+    hooks = _cancel_checks(vae, progress)
+    decoded = []
+    try:
+        for latent in latents.split(1):
+            if progress is not None:
+                progress.raise_if_cancelled()
+            images = None
+            if not force_fp32:
+                images = vae.decode(unscale_latents(vae, latent).to(vae.device, vae.dtype)).sample
+                force_fp32 = not torch.isfinite(images).all() and vae.dtype != torch.float32
+            if force_fp32:
+                vae.to(torch.float32)
+                images = vae.decode(unscale_latents(vae, latent).to(vae.device, torch.float32)).sample
+            if not torch.isfinite(images).all():
+                raise NonFiniteOutputError("the VAE decoded NaN/inf pixels; the image was not saved")
+            decoded.append((images.float().cpu() / 2 + 0.5).clamp(0, 1))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        if was_tiling is not None:
+            vae.use_tiling = was_tiling
+        if vae.dtype != original_dtype:
             vae.to(original_dtype)
-    if not torch.isfinite(images).all():
-        raise NonFiniteOutputError("the VAE decoded NaN/inf pixels; the image was not saved")
-    return (images.float().cpu() / 2 + 0.5).clamp(0, 1)
+    return torch.cat(decoded)
+
+
+def _cancel_checks(vae, progress: Progress | None) -> list:
+    """Hooks that check for a cancel before the decoder (each tile) and each of its blocks: one image's decode
+    can take minutes on a CPU."""
+    decoder = getattr(vae, "decoder", None)
+    if progress is None or decoder is None:
+        return []
+    blocks = [decoder, getattr(decoder, "mid_block", None), *getattr(decoder, "up_blocks", [])]
+
+    def check(module, args):
+        progress.raise_if_cancelled()
+
+    return [block.register_forward_pre_hook(check) for block in blocks if block is not None]
 
 
 def to_pil(images: torch.Tensor) -> list:

@@ -365,4 +365,4 @@ def run(request: ImagicRequest, context: TaskContext, seeds: list[int]) -> list:
     context.progress.raise_if_cancelled()
 
     # 4. decode, refusing non-finite pixels
-    return to_pil(decode_latents(base, output.images))
+    return to_pil(decode_latents(base, output.images, context.progress))

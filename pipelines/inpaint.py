@@ -192,7 +192,7 @@ def run(request: InpaintRequest, context: TaskContext, seeds: list[int]) -> list
 
     # 5. decode (refusing non-finite pixels) and composite over the original in pixel space
     results = []
-    for generated in to_pil(decode_latents(pipe, output.images)):
+    for generated in to_pil(decode_latents(pipe, output.images, context.progress)):
         if request.only_masked:
             full = plan.canvas.copy()
             full.paste(generated.resize((box[2] - box[0], box[3] - box[1]), Image.LANCZOS), box[:2])

@@ -371,7 +371,7 @@ def run(request: SketchToImageRequest, context: TaskContext, seeds: list[int]) -
     context.progress.raise_if_cancelled()
 
     # 4. decode, refusing non-finite pixels
-    return to_pil(decode_latents(pipe, output.images))
+    return to_pil(decode_latents(pipe, output.images, context.progress))
 
 
 def _legacy_callback(context: TaskContext, total: int):

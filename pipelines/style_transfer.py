@@ -521,7 +521,7 @@ def run(request: StyleTransferRequest, context: TaskContext, seeds: list[int]) -
     context.progress.raise_if_cancelled()
 
     # 4. decode with the shared VAE, refusing non-finite pixels
-    return to_pil(decode_latents(loaded.pipe, output.images))
+    return to_pil(decode_latents(loaded.pipe, output.images, context.progress))
 
 
 def _run_reference(request, context, loaded, pipeline_class, scheduler, call, seeds):

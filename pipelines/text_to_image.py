@@ -47,4 +47,4 @@ def run(request: TextToImageRequest, context: TaskContext, seeds: list[int]) -> 
     context.progress.raise_if_cancelled()
 
     # 4. decode, refusing non-finite pixels
-    return to_pil(decode_latents(pipe, output.images))
+    return to_pil(decode_latents(pipe, output.images, context.progress))

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from .requests import SCHEDULER_NAMES, StudioInputError
+from .settings import MAX_OUTPUT_PIXELS_HELP, positive_int
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -30,6 +31,7 @@ def _add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--allow-pickle", action="store_true", help="allow .ckpt/.pt/.bin pickle weights (loaded with weights_only)"
     )
+    group.add_argument("--max-output-pixels", type=positive_int, metavar="N", help=MAX_OUTPUT_PIXELS_HELP)
     group.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -83,6 +85,10 @@ def _add_task_arguments(parser: argparse.ArgumentParser, task: str) -> None:
         group.add_argument(flag, **options)
 
 
+def _add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="studio", description="Text-to-image and image editing, offline-first.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         render.add_argument(
             "-o", "--output", help="output PNG; may hold {index} and {seed} (default: outputs/<time>-<seed>.png)"
         )
+        _add_overwrite_argument(render)
         _add_request_arguments(render)
         _add_task_arguments(render, task)
         _add_settings_arguments(render)
@@ -109,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     replay = commands.add_parser("replay", help="re-render the image a PNG's metadata describes")
     replay.add_argument("image", type=Path)
     replay.add_argument("-o", "--output", required=True, help="output PNG")
+    _add_overwrite_argument(replay)
+    replay.add_argument(
+        "--trust-inputs", action="store_true", help="read input images whose hash the PNG does not record"
+    )
     for name in ("image", "mask-image", "control-image", "reference-image"):
         replay.add_argument(f"--input-{name}", help=f"the {name.replace('-', '_')} the original used")
     _add_settings_arguments(replay)
@@ -133,6 +144,7 @@ def _settings(args):
         "vae_tiling": getattr(args, "vae_tiling", None),
         "offload": getattr(args, "offload", None),
         "allow_pickle": getattr(args, "allow_pickle", None),
+        "max_output_pixels": getattr(args, "max_output_pixels", None),
     }
     if getattr(args, "models_dir", None):
         overrides["models_dirs"] = tuple(args.models_dir)
@@ -158,9 +170,49 @@ def _print_warnings(warnings: list[str]) -> None:
         print(f"warning: {warning}", file=sys.stderr)
 
 
-def cmd_render(args) -> int:
+def _check_outputs(paths: list[Path], overwrite: bool) -> None:
+    """A finished file is never replaced unless the user says so, nor by another image of the same run."""
+    if not overwrite:
+        for path in paths:
+            if path.exists():
+                raise StudioInputError(f"{str(path)!r} already exists; pass --overwrite to replace it")
+    if len(set(paths)) < len(paths):
+        raise StudioInputError(f"several images would be saved as {str(paths[0])!r}; put {{index}} in the name")
+
+
+def _names_known_now(target: str, request) -> list[Path] | None:
+    """The output names before rendering, unless they hold seeds that are drawn at render time."""
+    from .core import output_names
+    from .requests import seeds_for
+
+    if request.seed is None and "{seed}" in target:
+        return None
+    return output_names(target, seeds_for(request, random_seed=0))
+
+
+def _free_default_target(folder: Path, seeds: list[int]) -> str:
+    """outputs/<time>-<seed>.png, numbered (<time>-<seed>-2.png, ...) when such a file exists already."""
+    import itertools
     import time
 
+    from .core import output_names
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = "{seed}" if len(set(seeds)) == len(seeds) else "{seed}-{index}"
+    for number in itertools.count(1):
+        target = str(folder / f"{stamp}-{name}{'' if number == 1 else f'-{number}'}.png")
+        if not any(path.exists() for path in output_names(target, seeds)):
+            return target
+
+
+def _save(result, target: str, overwrite: bool) -> list[Path]:
+    from .core import output_names
+
+    _check_outputs(output_names(target, result.seeds), overwrite)  # again: the names may hold the seeds just drawn
+    return result.save(target, overwrite=overwrite)
+
+
+def cmd_render(args) -> int:
     from .core import Studio, make_request
     from .progress import TqdmProgress
     from .requests import REQUEST_TYPES, BaseRequest
@@ -186,6 +238,9 @@ def cmd_render(args) -> int:
         model=args.model,
     )
     settings = _settings(args)
+    names = _names_known_now(args.output, request) if args.output else None
+    if names is not None:
+        _check_outputs(names, args.overwrite)  # before any model loads
     _quiet_libraries()
     studio = Studio(settings)
     progress = TqdmProgress(disable=args.quiet)
@@ -193,9 +248,9 @@ def cmd_render(args) -> int:
         result = studio.run(request, progress)
     finally:
         progress.close()
-    target = args.output or str(settings.outputs_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{{seed}}.png")
+    target = args.output or _free_default_target(settings.outputs_dir, result.seeds)
     _print_warnings(result.warnings)
-    for path, seed in zip(result.save(target), result.seeds):
+    for path, seed in zip(_save(result, target, args.overwrite), result.seeds):
         print(f"{path}  (seed {seed})")
     return 0
 
@@ -227,7 +282,8 @@ def cmd_info(args) -> int:
 
 
 def cmd_replay(args) -> int:
-    from .core import Studio
+    from .core import Studio, output_names
+    from .metadata import read_record
     from .progress import TqdmProgress
 
     inputs = {
@@ -235,17 +291,25 @@ def cmd_replay(args) -> int:
         for name in ("image", "mask_image", "control_image", "reference_image")
         if getattr(args, f"input_{name}")
     }
+    record = read_record(args.image)  # a bad PNG or an existing output is reported before any model loads
+    _check_outputs(output_names(args.output, [record.seed]), args.overwrite)
     _quiet_libraries()
     studio = Studio(_settings(args))
     progress = TqdmProgress(disable=args.quiet)
     try:
-        result = studio.replay(args.image, inputs=inputs, progress=progress)
+        result = studio.replay(
+            args.image, inputs=inputs, progress=progress, trust_inputs=args.trust_inputs, on_input=_announce_input
+        )
     finally:
         progress.close()
     _print_warnings(result.warnings)
-    for path in result.save(args.output):
+    for path in _save(result, args.output, args.overwrite):
         print(path)
     return 0
+
+
+def _announce_input(name: str, path) -> None:
+    print(f"reading {name}: {path}", file=sys.stderr)
 
 
 def cmd_models(args) -> int:

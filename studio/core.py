@@ -25,6 +25,7 @@ from .requests import (
     BaseRequest,
     StudioInputError,
     describe_validation_error,
+    quote,
     seeds_for,
 )
 from .schedulers import a1111_sampler_name
@@ -53,14 +54,20 @@ class Result:
 
     def save(self, target: str | Path, overwrite: bool = True) -> list[Path]:
         """Write every image atomically. `target` may hold {index} and {seed}; without them, several
-        images are numbered `name-1.png`, `name-2.png`, ... With overwrite=False an existing file is
-        left as it is (batch resume never rewrites a finished file)."""
+        images are numbered `name-1.png`, `name-2.png`, ... Returns the paths written.
+
+        With overwrite=False an existing file is never replaced: StudioInputError names it, and
+        nothing is written when it existed before the call."""
         paths = output_names(target, self.seeds)
+        if not overwrite:
+            for path in paths:
+                if path.exists():
+                    raise StudioInputError(f"{str(path)!r} exists already; not overwriting it")
         for index, path in enumerate(paths):
             if overwrite:
                 atomic_write_bytes(path, self.png(index))
-            else:
-                atomic_write_new(path, self.png(index))
+            elif not atomic_write_new(path, self.png(index)):  # appeared since the check above
+                raise StudioInputError(f"{str(path)!r} exists already; not overwriting it")
         return paths
 
 
@@ -91,15 +98,18 @@ class Studio:
 
     def run(self, request: BaseRequest, progress: Progress | None = None) -> Result:
         """Validate, load inputs, render, and return images with their metadata records."""
-        from pipelines.common import TaskContext
+        from pipelines.common import TaskContext, check_output_size
 
         started = time.perf_counter()
         context = TaskContext(settings=self.settings, models=self.models, progress=progress or Progress())
 
-        # 1. check inputs: the task's own checks and every input image, before any model is loaded
+        # 1. check inputs: the task's own checks, every input image and the output size, before any model
+        # is loaded; the job's time limit counts from here (not from when it was queued)
+        context.progress.start_deadline(self.settings.job_time_limit)
         task = task_module(request.task)
         context.images, input_hashes = self.load_inputs(request)
         task.check_inputs(request, context)
+        check_output_size(request, context)
 
         # 2. seeds: one per image, recorded so that the PNG replays exactly
         seeds = seeds_for(request, random_seed=secrets.randbelow(2**32))
@@ -157,15 +167,35 @@ class Studio:
 
     # -- replay -----------------------------------------------------------------------------------
 
-    def replay(self, png_path: str | Path, inputs: dict | None = None, progress: Progress | None = None) -> Result:
-        """Re-render the image a studio PNG records; input images must hash as they did then."""
+    def replay(
+        self,
+        png_path: str | Path,
+        inputs: dict | None = None,
+        progress: Progress | None = None,
+        *,
+        trust_inputs: bool = False,
+        on_input=None,
+    ) -> Result:
+        """Re-render the image a studio PNG records; input images must hash as they did then.
+
+        A PNG can be forged to name any local image: one whose hash the PNG does not record is read
+        only with trust_inputs. `on_input(name, path)` is called for each input file before it is read.
+        """
         record = read_record(Path(png_path))
-        request = record.request
-        if inputs:
-            request = request.model_copy(update=inputs)
+        request = _with_inputs(record.request, inputs)
         missing = [name for name in record.input_hashes if getattr(request, name, None) is None]
         if missing:
             raise StudioInputError(f"replaying {str(png_path)!r} needs the input image(s) {', '.join(missing)}")
+        unrecorded = [name for name in request.image_fields() if name not in record.input_hashes]
+        if unrecorded and not trust_inputs:
+            name = unrecorded[0]
+            raise StudioInputError(
+                f"{str(png_path)!r} records no hash for its input {name} {quote(str(getattr(request, name)))}, "
+                "so it cannot be checked; pass --trust-inputs (trust_inputs=True) to read it anyway"
+            )
+        if on_input:
+            for name, source in request.image_fields().items():
+                on_input(name, source)
         _, hashes = self.load_inputs(request)
         for name, expected in record.input_hashes.items():
             if hashes.get(name) != expected:
@@ -176,6 +206,18 @@ class Studio:
         result = self.run(request, progress)
         index = record.image_index
         return Result(result.request, [result.images[index]], [result.records[index]], result.warnings, result.seconds)
+
+
+def _with_inputs(request: BaseRequest, inputs: dict | None) -> BaseRequest:
+    """The request with some input images replaced, validated again (a field the task lacks is refused)."""
+    if not inputs:
+        return request
+    from pydantic import ValidationError
+
+    try:
+        return type(request).model_validate({**request.model_dump(), **inputs})
+    except ValidationError as error:
+        raise StudioInputError(describe_validation_error(error)) from None
 
 
 def task_module(task: str):

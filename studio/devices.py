@@ -50,6 +50,20 @@ def pick_dtype(device: torch.device, preference: str = "auto") -> torch.dtype:
     return torch.float32
 
 
+# Default Settings.max_output_pixels (width x height x batch_size of one request) by device type.
+# One job holds the device for every client, and its time and memory grow with the pixel count, faster than
+# linearly for one large image (attention over every latent cell). On a CPU, 4 MP still allows 3 images at
+# 1024², 15 at 512² or one of 2000x2000, but refuses one 2048² image (4.19 MP: minutes per step, GBs of RSS,
+# a decode no cancel could stop) or 16 at 1024²; a CUDA GPU gets twice as much (8 SDXL images at 1024², 2 at 2048²).
+# MPS shares the machine's memory and is far slower than CUDA, so it gets the CPU's limit.
+DEFAULT_MAX_OUTPUT_PIXELS = {"cuda": 8 * 1024 * 1024}
+CPU_MAX_OUTPUT_PIXELS = 4_000_000
+
+
+def default_max_output_pixels(device: torch.device) -> int:
+    return DEFAULT_MAX_OUTPUT_PIXELS.get(device.type, CPU_MAX_OUTPUT_PIXELS)
+
+
 def xformers_available() -> bool:
     return importlib.util.find_spec("xformers") is not None
 

@@ -12,12 +12,15 @@ import io
 import json
 import platform
 import re
+import struct
+import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from .requests import IMAGE_FIELDS, BaseRequest, StudioInputError, parse_request
+from .requests import IMAGE_FIELDS, MAX_SEED, BaseRequest, StudioInputError, parse_request, quote
 
 STUDIO_KEY = "studio"
 PARAMETERS_KEY = "parameters"
@@ -118,32 +121,100 @@ def png_bytes(image: Image.Image, record: ImageRecord) -> bytes:
 
 
 def read_record(path: Path) -> ImageRecord:
-    """The record stored in a studio PNG; A1111 PNGs (parameters only) give a best-effort request."""
-    try:
-        with Image.open(path) as image:
-            text = dict(image.text) if hasattr(image, "text") else {}
-    except FileNotFoundError:
-        raise StudioInputError(f"image {str(path)!r} does not exist") from None
-    except OSError:
-        raise StudioInputError(f"{str(path)!r} is not a readable image") from None
+    """The record stored in a studio PNG; A1111 PNGs (parameters only) give a best-effort request.
+
+    Whatever the file holds, the answer is a record or a StudioInputError naming what is wrong.
+    """
+    text = _png_text(Path(path))
     if STUDIO_KEY in text:
-        try:
-            payload = json.loads(text[STUDIO_KEY])
-        except json.JSONDecodeError:
-            raise StudioInputError(f"{str(path)!r} has a damaged studio metadata chunk") from None
-        return ImageRecord(
-            request=parse_request(payload["request"]),
-            image_index=int(payload.get("image_index", 0)),
-            seed=int(payload.get("seed", 0)),
-            input_hashes=dict(payload.get("input_hashes", {})),
-            model_name=payload.get("model", {}).get("name", ""),
-            model_hash=payload.get("model", {}).get("hash", ""),
-            sampler=payload.get("sampler", ""),
-            environment=dict(payload.get("environment", {})),
-        )
+        return _record_from_payload(_load_payload(text[STUDIO_KEY], path), path)
     if PARAMETERS_KEY in text:
         return parse_a1111_parameters(text[PARAMETERS_KEY])
     raise StudioInputError(f"{str(path)!r} has no generation metadata")
+
+
+# A PNG's text chunks are read without decoding its pixels when they come before them (as every PNG
+# writer puts them); only an image this small is decoded to look for chunks after the pixels.
+MAX_DECODED_PIXELS = 4096 * 4096
+# What a forged or damaged image file can make PIL raise while its header and chunks are read.
+_UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, Image.DecompressionBombError,
+               Image.DecompressionBombWarning)
+
+
+def _png_text(path: Path) -> dict[str, str]:
+    """The text chunks of a PNG (empty for other images); decompression bombs are refused."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if not isinstance(image, PngImagePlugin.PngImageFile):
+                    return {}
+                text = {key: value for key, value in image.info.items() if key in (STUDIO_KEY, PARAMETERS_KEY)}
+                if not text and image.width * image.height <= MAX_DECODED_PIXELS:
+                    text = dict(image.text)
+                return {key: str(value) for key, value in text.items() if isinstance(value, str)}
+    except FileNotFoundError:
+        raise StudioInputError(f"image {str(path)!r} does not exist") from None
+    except _UNREADABLE:
+        raise StudioInputError(f"{str(path)!r} is not a readable image (or it is too large)") from None
+
+
+def _load_payload(text: str, path: Path):
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # bad JSON, numbers past the digit limit, absurd nesting
+        raise StudioInputError(f"{str(path)!r} has a damaged studio metadata chunk") from None
+
+
+def _record_from_payload(payload, path: Path) -> ImageRecord:
+    """Check the shape of a `studio` chunk's JSON and build its record; a forged chunk is a StudioInputError."""
+    where = f"the studio metadata of {str(path)!r}"
+    if not isinstance(payload, dict):
+        raise StudioInputError(f"{where} is not a JSON object")
+    if "request" not in payload:
+        raise StudioInputError(f"{where} has no request")
+    try:
+        request = parse_request(payload["request"])
+    except StudioInputError as error:
+        raise StudioInputError(f"{where}: {error}") from None
+    model = _typed(payload, "model", dict, {}, where)
+    return ImageRecord(
+        request=request,
+        image_index=_whole_number(payload, "image_index", 0, request.batch_size - 1, where),
+        seed=_whole_number(payload, "seed", 0, MAX_SEED, where),
+        input_hashes=_input_hashes(payload, request, where),
+        model_name=_typed(model, "name", str, "", where),
+        model_hash=_typed(model, "hash", str, "", where),
+        sampler=_typed(payload, "sampler", str, "", where),
+        environment=_typed(payload, "environment", dict, {}, where),
+    )
+
+
+_KINDS = {dict: "a JSON object", str: "a string", int: "a whole number"}
+
+
+def _typed(data: dict, key: str, kind: type, default, where: str):
+    value = data.get(key, default)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise StudioInputError(f"{where}: {key} must be {_KINDS[kind]}, got {quote(value)}")
+    return value
+
+
+def _whole_number(data: dict, key: str, default: int, high: int, where: str) -> int:
+    value = _typed(data, key, int, default, where)
+    if not 0 <= value <= high:
+        raise StudioInputError(f"{where}: {key} must be between 0 and {high}, got {quote(value)}")
+    return value
+
+
+def _input_hashes(payload: dict, request: BaseRequest, where: str) -> dict[str, str]:
+    hashes = _typed(payload, "input_hashes", dict, {}, where)
+    for name, digest in hashes.items():
+        if name not in IMAGE_FIELDS or name not in type(request).model_fields:
+            raise StudioInputError(f"{where}: input_hashes names {quote(name)}, not an input image of {request.task}")
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
+            raise StudioInputError(f"{where}: input_hashes.{name} is not a SHA-256 hex digest: {quote(digest)}")
+    return dict(hashes)
 
 
 _SETTING = re.compile(r'\s*([\w \-/+]+):\s*("(?:\\.|[^"])*"|[^,]*)(?:,|$)')
@@ -159,31 +230,51 @@ def parse_a1111_parameters(text: str) -> ImageRecord:
             in_negative = True
             line = line[len("Negative prompt:") :].strip()
         (negative_lines if in_negative else prompt_lines).append(line)
-    settings = {}
-    for key, value in _SETTING.findall(settings_line):
-        settings[key.strip()] = json.loads(value) if value.startswith('"') else value.strip()
+    settings = {key.strip(): _unquote(value) for key, value in _SETTING.findall(settings_line)}
     data: dict = {"prompt": "\n".join(prompt_lines), "negative_prompt": "\n".join(negative_lines)}
     seed = 0
     if "Steps" in settings:
-        data["num_inference_steps"] = int(settings["Steps"])
+        data["num_inference_steps"] = _number(settings, "Steps", int)
     if "CFG scale" in settings:
-        data["guidance_scale"] = float(settings["CFG scale"])
+        data["guidance_scale"] = _number(settings, "CFG scale", float)
     if "Seed" in settings:
-        seed = int(settings["Seed"])
+        seed = _number(settings, "Seed", int)
         data["seed"] = seed
     if "Size" in settings:
-        width, height = settings["Size"].lower().split("x")
-        data["width"], data["height"] = int(width), int(height)
+        size = re.fullmatch(r"([0-9]{1,6})x([0-9]{1,6})", settings["Size"].lower())
+        if not size:
+            raise StudioInputError(f"parameters: Size must be WIDTHxHEIGHT, got {quote(settings['Size'])}")
+        data["width"], data["height"] = int(size[1]), int(size[2])
     sampler = settings.get("Sampler", "")
     from .schedulers import SCHEDULERS
 
     for name, choice in SCHEDULERS.items():
         if choice.a1111_name == sampler:
             data["scheduler"] = name
+    try:
+        request = parse_request(data)
+    except StudioInputError as error:
+        raise StudioInputError(f"parameters: {error}") from None
     return ImageRecord(
-        request=parse_request(data),
+        request=request,
         seed=seed,
         model_name=settings.get("Model", ""),
         model_hash=settings.get("Model hash", ""),
         sampler=sampler,
     )
+
+
+def _unquote(value: str) -> str:
+    if value.startswith('"'):
+        try:
+            return json.loads(value)
+        except ValueError:  # a bad escape: keep the text between the quotes
+            return value[1:-1]
+    return value.strip()
+
+
+def _number(settings: dict, key: str, kind: type):
+    try:
+        return kind(settings[key])
+    except ValueError:  # not a number, or past Python's 4300-digit limit
+        raise StudioInputError(f"parameters: {key} must be a number, got {quote(settings[key])}") from None

@@ -16,6 +16,7 @@ import gc
 import hashlib
 import json
 import logging
+import pickle
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -24,8 +25,9 @@ from pathlib import Path
 import torch
 
 from .devices import apply_memory_options, pick_device, pick_dtype
-from .requests import StudioInputError
+from .requests import StudioInputError, quote
 from .settings import EMBEDDED_MODEL_DIR, Settings
+from .single_file import torch_load_reason
 
 log = logging.getLogger(__name__)
 
@@ -99,18 +101,15 @@ def hub_snapshot_folder(repo_id: str) -> Path:
 
 def check_model_folder(folder: Path, reference: str, allow_pickle: bool) -> dict:
     """Refuse folders that would run code shipped with the model, or that hold only pickle weights."""
-    try:
-        index = json.loads((folder / "model_index.json").read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ModelError(f"model {reference!r} has an unreadable model_index.json: {error}") from None
-    import diffusers
-
-    class_name = index.get("_class_name", "")
-    if not hasattr(diffusers, class_name):
-        raise ModelError(f"model {reference!r} needs the custom pipeline {class_name!r} (remote code), which is refused")
+    index = _read_model_index(folder, reference)
     for component, spec in index.items():
-        if component.startswith("_") or not isinstance(spec, list) or len(spec) != 2:
-            continue
+        if component.startswith("_") or not isinstance(spec, list):
+            continue  # private keys, and plain init arguments such as requires_safety_checker
+        if len(spec) != 2 or not all(part is None or isinstance(part, str) for part in spec):
+            raise ModelError(
+                f"model {reference!r} has a malformed model_index.json entry for {component!r}: {quote(spec)} "
+                "(expected [library, class name])"
+            )
         library, _ = spec
         if library not in TRUSTED_LIBRARIES:
             raise ModelError(
@@ -123,6 +122,25 @@ def check_model_folder(folder: Path, reference: str, allow_pickle: bool) -> dict
             f"model {reference!r} has only pickle (.bin) weights, which can run code when loaded; "
             "convert them to .safetensors, or opt in with --allow-pickle (loaded with weights_only)"
         )
+    return index
+
+
+def _read_model_index(folder: Path, reference: str) -> dict:
+    """model_index.json as a JSON object whose _class_name is a diffusers pipeline class."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as error:
+        raise ModelError(f"model {reference!r} has an unreadable model_index.json: {quote(str(error))}") from None
+    if not isinstance(index, dict):
+        raise ModelError(f"model {reference!r} has a model_index.json that is not a JSON object")
+    class_name = index.get("_class_name")
+    if not isinstance(class_name, str):
+        raise ModelError(f"model {reference!r} has no pipeline class name in model_index.json (got {quote(class_name)})")
+    import diffusers
+
+    pipeline_class = getattr(diffusers, class_name, None)
+    if not (isinstance(pipeline_class, type) and issubclass(pipeline_class, diffusers.DiffusionPipeline)):
+        raise ModelError(f"model {reference!r} needs the custom pipeline {quote(class_name)} (remote code), which is refused")
     return index
 
 
@@ -184,13 +202,20 @@ def load_base_pipeline(ref: ModelRef, settings: Settings, dtype: torch.dtype):
     extra = {}
     if "safety_checker" in index:
         extra.update(safety_checker=None, requires_safety_checker=False)
-    return DiffusionPipeline.from_pretrained(
-        folder,
-        dtype=dtype,
-        local_files_only=True,
-        use_safetensors=not settings.allow_pickle,
-        **extra,
-    )
+    try:
+        return DiffusionPipeline.from_pretrained(
+            folder,
+            dtype=dtype,
+            local_files_only=True,
+            # The opt-in only adds pickles: safetensors files are still preferred wherever they exist.
+            use_safetensors=None if settings.allow_pickle else True,
+            **extra,
+        )
+    except pickle.UnpicklingError as error:
+        raise ModelError(
+            f"model {ref.name!r} has pickle weights that weights_only loading refused ({torch_load_reason(error)}); "
+            "use a .safetensors version of the model"
+        ) from None
 
 
 class ModelManager:

@@ -7,7 +7,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from .requests import StudioInputError
+from .requests import MAX_BATCH_SIZE, StudioInputError
 
 TEMP_PREFIX = ".studio-tmp-"
 
@@ -61,13 +61,15 @@ def remove_stale_temp_files(folder: Path) -> int:
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
+# Most file systems allow 255 bytes per file or folder name; staying well under leaves room for
+# the "-16" that numbering a batch of images adds, and for the odd file system with less.
+MAX_NAME_BYTES = 200
+NUMBERING_RESERVE = len(f"-{MAX_BATCH_SIZE}")
 
-def safe_output_path(root: Path, name: str, *, suffix: str = ".png") -> Path:
-    """A path inside root for a user-chosen name; refuses names that try to leave root.
 
-    Sub-folders are allowed ("portraits/a.png"); "..", absolute paths, drive letters, backslashes
-    and NUL bytes are refused with the name quoted.
-    """
+def clean_output_name(name: str, *, suffix: str = ".png") -> str:
+    """The relative path ("portraits/a.png") a user-chosen name becomes; refuses names that try to
+    leave the folder, empty names and names too long for a file system. Touches no file."""
     if "\x00" in name:
         raise StudioInputError(f"output name {name!r} contains a NUL byte")
     parts = re.split(r"[\\/]+", name)
@@ -78,8 +80,22 @@ def safe_output_path(root: Path, name: str, *, suffix: str = ".png") -> Path:
         raise StudioInputError(f"output name {name!r} is empty")
     if not cleaned[-1].lower().endswith(suffix):
         cleaned[-1] += suffix
+    cleaned = [part for part in cleaned[:-1] if part] + [cleaned[-1]]  # "a/.../b": no empty folder
+    limit = MAX_NAME_BYTES - NUMBERING_RESERVE
+    if any(len(part.encode()) > limit for part in cleaned):
+        # The reason comes before the name, so that a shortened message still says what is wrong.
+        raise StudioInputError(f"output name is too long (at most {limit} characters per file or folder name): {name!r}")
+    return "/".join(cleaned)
+
+
+def safe_output_path(root: Path, name: str, *, suffix: str = ".png") -> Path:
+    """A path inside root for a user-chosen name; refuses names that try to leave root.
+
+    Sub-folders are allowed ("portraits/a.png"); "..", absolute paths, drive letters, backslashes,
+    NUL bytes and over-long names are refused with the name quoted.
+    """
     root = Path(root).resolve()
-    path = root.joinpath(*cleaned).resolve()
+    path = root.joinpath(*clean_output_name(name, suffix=suffix).split("/")).resolve()
     if root not in path.parents:
         raise StudioInputError(f"output name {name!r} would leave the output folder")
     return path

@@ -1,17 +1,23 @@
 """Progress and cancel, through one small object.
 
 The CLI renders it with tqdm, the UI with gr.Progress, tests ignore it. Cancel is a
-flag the sampling loop checks after every step.
+flag the sampling loop checks after every step (and the VAE decode between its blocks);
+a job's time limit (Settings.job_time_limit) reads as a cancel once it has passed.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
+import time
 
 
 class GenerationCancelled(Exception):
     """Raised when the user cancels; images finished before the cancel are kept."""
+
+
+class JobTimedOut(GenerationCancelled):
+    """Raised when a job runs past its time limit (Settings.job_time_limit)."""
 
 
 class Progress:
@@ -21,9 +27,23 @@ class Progress:
     current latents (see studio.previews); only those who show previews pay for calling it.
     """
 
+    # Class-level defaults, so that subclasses which skip __init__ still work.
+    _deadline: float | None = None  # time.monotonic() after which the job has timed out
+    _time_limit: float | None = None
+
     def __init__(self, on_update=None):
         self._on_update = on_update
         self._cancel = threading.Event()
+
+    def start_deadline(self, seconds: float | None) -> None:
+        """Time the job out `seconds` from now (None: never). Studio.run calls it when the job starts,
+        so that time spent waiting in a queue does not count."""
+        self._time_limit = seconds
+        self._deadline = None if seconds is None else time.monotonic() + seconds
+
+    @property
+    def timed_out(self) -> bool:
+        return self._deadline is not None and time.monotonic() > self._deadline
 
     def update(self, stage: str, step: int, total: int, preview=None) -> None:
         if self._on_update is not None:
@@ -34,11 +54,16 @@ class Progress:
 
     @property
     def cancelled(self) -> bool:
-        return self._cancel.is_set()
+        return self._cancel.is_set() or self.timed_out
 
     def raise_if_cancelled(self) -> None:
-        if self.cancelled:
+        if self._cancel.is_set():
             raise GenerationCancelled("cancelled by the user")
+        if self.timed_out:
+            raise JobTimedOut(
+                f"the job ran longer than the limit of {self._time_limit:g} s per job "
+                "(job_time_limit; raise it with --job-time-limit or STUDIO_JOB_TIME_LIMIT)"
+            )
 
     def diffusers_callback(self, stage: str, total: int):
         """A `callback_on_step_end` for diffusers pipelines: reports each step, stops after a cancel."""
@@ -49,7 +74,7 @@ class Progress:
             preview = None if latents is None else functools.partial(latent_preview, pipe, latents)
             self.update(stage, step_index + 1, total, preview)
             if self.cancelled:
-                pipe._interrupt = True  # diffusers skips the remaining steps
+                pipe._interrupt = True  # diffusers skips the remaining steps; the task then raises
             return callback_kwargs
 
         return callback

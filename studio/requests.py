@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
@@ -52,6 +52,30 @@ class StudioInputError(ValueError):
     """Bad input, found before any model runs; the message names the bad value."""
 
 
+QUOTE_CHARS = 80  # a quoted value longer than this is cut, so that a huge input never fills a message
+
+
+def quote(value: Any, limit: int = QUOTE_CHARS) -> str:
+    """repr(value) for an error message, cut to `limit` characters with the full length noted."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit conversion limit
+        return f"<a {value.bit_length()}-bit number>"
+    if len(text) <= limit:
+        return text
+    size = len(value) if isinstance(value, str) else len(text)
+    return f"{text[:limit]}… ({size} characters)"
+
+
+def _is_number(annotation) -> bool:
+    """int, float, or a union or list holding one (`int | None`, `int | list[int] | None`)."""
+    return annotation in (int, float) or any(_is_number(arg) for arg in get_args(annotation))
+
+
+def _holds_bool(value) -> bool:
+    return isinstance(value, bool) or (isinstance(value, list) and any(isinstance(item, bool) for item in value))
+
+
 class BaseRequest(BaseModel):
     """Fields shared by every task."""
 
@@ -79,10 +103,20 @@ class BaseRequest(BaseModel):
         None, max_length=255, description="Output file name (batch/CLI); kept inside the output folder."
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_are_not_booleans(cls, data):
+        # bool is an int in Python (and in pydantic's lax mode): `"seed": true` would otherwise be seed 1.
+        if isinstance(data, dict):
+            for name, value in data.items():
+                if name in cls.model_fields and _is_number(cls.model_fields[name].annotation) and _holds_bool(value):
+                    raise ValueError(f"{name} must be a number, got {quote(value)}")
+        return data
+
     @field_validator("guidance_scale", mode="before")
     @classmethod
     def _finite_guidance(cls, value):
-        if isinstance(value, (int, float)) and not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"guidance_scale must be a finite number, got {value!r}")
         return value
 
@@ -92,14 +126,14 @@ class BaseRequest(BaseModel):
         seeds = value if isinstance(value, list) else [value]
         for seed in seeds:
             if seed is not None and not 0 <= seed <= MAX_SEED:
-                raise ValueError(f"seed must be between 0 and 2**64-1, got {seed!r}")
+                raise ValueError(f"seed must be between 0 and 2**64-1, got {quote(seed)}")
         return value
 
     @field_validator("scheduler")
     @classmethod
     def _known_scheduler(cls, value):
         if value is not None and value not in SCHEDULER_NAMES:
-            raise ValueError(f"unknown scheduler {value!r}; choose one of: {', '.join(SCHEDULER_NAMES)}")
+            raise ValueError(f"unknown scheduler {quote(value)}; choose one of: {', '.join(SCHEDULER_NAMES)}")
         return value
 
     @field_validator("prompt", "negative_prompt")
@@ -218,21 +252,31 @@ REQUEST_TYPES = {
 _request_adapter: TypeAdapter = TypeAdapter(Request)
 
 
+MAX_PROBLEMS_CHARS = 400  # problems past this length of message are counted, not listed
+
+
 def describe_validation_error(error: ValidationError) -> str:
-    """One readable line per problem: `field: message (got value)`."""
-    lines = []
-    for item in error.errors():
-        loc = [str(part) for part in item["loc"]]
-        if loc and loc[0] in REQUEST_TYPES:  # the union's tag adds nothing for the reader
-            loc = loc[1:]
-        where = ".".join(loc) or "request"
-        message = item["msg"].removeprefix("Value error, ")
-        got = item.get("input")
-        if item["type"] in ("value_error", "assertion_error") or isinstance(got, dict):
-            lines.append(f"{where}: {message}")
-        else:
-            lines.append(f"{where}: {message} (got {got!r})")
-    return "; ".join(lines)
+    """One readable line per problem: `field: message (got value)`; long values are cut, many problems counted."""
+    lines = [_describe_problem(item) for item in error.errors()]
+    shown = lines[:1]
+    for line in lines[1:]:
+        if len("; ".join(shown + [line])) > MAX_PROBLEMS_CHARS:
+            break
+        shown.append(line)
+    more = len(lines) - len(shown)
+    return "; ".join(shown) + (f"; and {more} more problem{'s' * (more > 1)}" if more else "")
+
+
+def _describe_problem(item: dict) -> str:
+    loc = [str(part)[:QUOTE_CHARS] for part in item["loc"]]
+    if loc and loc[0] in REQUEST_TYPES:  # the union's tag adds nothing for the reader
+        loc = loc[1:]
+    where = ".".join(loc) or "request"
+    message = item["msg"].removeprefix("Value error, ")
+    got = item.get("input")
+    if item["type"] in ("value_error", "assertion_error") or isinstance(got, dict):
+        return f"{where}: {message}"
+    return f"{where}: {message} (got {quote(got)})"
 
 
 def parse_request(data: dict) -> BaseRequest:
@@ -240,8 +284,13 @@ def parse_request(data: dict) -> BaseRequest:
     if not isinstance(data, dict):
         raise StudioInputError(f"a request must be a JSON object, got {type(data).__name__}")
     data = {"task": "text_to_image", **data}
-    if data["task"] not in REQUEST_TYPES:
-        raise StudioInputError(f"unknown task {data['task']!r}; choose one of: {', '.join(TASKS)}")
+    if not isinstance(data["task"], str) or data["task"] not in REQUEST_TYPES:
+        raise StudioInputError(f"unknown task {quote(data['task'])}; choose one of: {', '.join(TASKS)}")
+    for name in IMAGE_FIELDS:
+        # Plain data names images by path; anything else would only fail later, when the image is opened.
+        value = data.get(name)
+        if value is not None and (not isinstance(value, str) or "\x00" in value):
+            raise StudioInputError(f"{name} must be a file path, got {quote(value)}")
     try:
         return _request_adapter.validate_python(data)
     except ValidationError as error:

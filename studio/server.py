@@ -4,11 +4,11 @@ The UI itself (tabs, events) is `app.py`; this module decides *how* it is served
 
 - it binds 127.0.0.1 unless told otherwise, and refuses to listen on another address or open a
   share link without a password (`--auth user:pass`), unless `--insecure-no-auth` says so;
-- the server reads files only from the outputs folder and gradio's own upload folder
-  (`allowed_paths`), uploads have a size limit, and the queue is bounded;
-- `RequestGuard` refuses what gradio would otherwise allow: fetching URLs through `/file=`
-  or through a file input (the studio fetches no URLs), and state-changing requests from
-  another site (a cross-origin POST).
+- uploads have a size limit per request, and the queue is bounded;
+- `RequestGuard` refuses what gradio would otherwise allow: a Host header naming another site
+  (DNS rebinding), file inputs that are server paths rather than uploads, fetching URLs,
+  serving any file but the copies gradio made of what the studio handed out, and
+  state-changing requests from another site (a cross-origin POST).
 
 Nothing here imports gradio or torch at import time, picks a device or reads settings.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from .requests import StudioInputError
-from .settings import Settings
+from .settings import JOB_TIME_LIMIT_HELP, MAX_OUTPUT_PIXELS_HELP, Settings, positive_int, positive_seconds
 
 DEFAULT_MAX_UPLOAD = "50mb"
 DEFAULT_QUEUE_SIZE = 16
@@ -73,11 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow --listen/--share without a password (anyone who can reach the port can use it and read outputs)",
     )
     serving.add_argument(
-        "--max-upload", default=DEFAULT_MAX_UPLOAD, help=f"largest upload (default {DEFAULT_MAX_UPLOAD})"
+        "--allowed-hosts",
+        default="",
+        help="host names the server answers to besides localhost and IP addresses, comma-separated "
+        "(e.g. studio.lan,*.example.com); requests naming other hosts are refused (DNS rebinding)",
+    )
+    serving.add_argument(
+        "--max-upload",
+        default=DEFAULT_MAX_UPLOAD,
+        help=f"largest upload request, all its files together (default {DEFAULT_MAX_UPLOAD})",
     )
     serving.add_argument(
         "--queue-size", type=int, default=DEFAULT_QUEUE_SIZE, help=f"jobs that may wait (default {DEFAULT_QUEUE_SIZE})"
     )
+    serving.add_argument("--max-output-pixels", type=positive_int, metavar="N", help=MAX_OUTPUT_PIXELS_HELP)
+    serving.add_argument("--job-time-limit", type=positive_seconds, metavar="SECONDS", help=JOB_TIME_LIMIT_HELP)
     return parser
 
 
@@ -95,6 +105,8 @@ def settings_from_args(args: argparse.Namespace, environ: dict | None = None) ->
         "outputs_dir": args.outputs,
         "host": host,
         "port": args.port,
+        "max_output_pixels": args.max_output_pixels,
+        "job_time_limit": args.job_time_limit,
     }
     if args.models_dir:
         overrides["models_dirs"] = tuple(args.models_dir)
@@ -154,9 +166,19 @@ def free_port(host: str = "127.0.0.1") -> int:
 # -- the request guard -----------------------------------------------------------------------------
 
 _FILE_ROUTE = re.compile(r"^(?:/gradio_api)?/file(?:=|/)(?P<target>.*)$", re.S)
+_UPLOAD_ROUTE = re.compile(r"^(?:/gradio_api)?/upload/?$")
+# Gradio routes the studio does not use; each would read or fetch something on a caller's behalf.
+_CLOSED_ROUTES = re.compile(
+    r"^(?:/gradio_api)?/(?:proxy=|process_recording|vibe-|undo-vibe-edit|monitoring|dev/|run-history|runs)"
+)
 _SCHEME = re.compile(r"^\s*[a-zA-Z][a-zA-Z0-9+.-]*:|^\s*[\\/]{2}")
-_JSON_ROUTES = re.compile(r"^(?:/gradio_api)?/(?:queue/join|run/|call/|api/)")
+_FORM_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 _SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+# Multipart framing around the files of one upload request (boundaries, part headers).
+_UPLOAD_FRAMING = 64 * 1024
+# Served files are data, never pages: no sniffing them into HTML, no scripts if a browser opens one.
+_SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff")]
+_FILE_HEADERS = [(b"content-security-policy", b"default-src 'none'; sandbox")]
 
 
 def _is_url(text: str) -> bool:
@@ -164,61 +186,178 @@ def _is_url(text: str) -> bool:
     return bool(_SCHEME.match(text)) and not re.match(r"^\s*[a-zA-Z]:[\\/]", text)
 
 
-def _file_data_urls(value) -> list[str]:
-    """URLs given as the path of file inputs (gradio would download them) anywhere in a JSON body."""
+def _file_inputs(value) -> list[dict]:
+    """Every dict in a JSON body that names a file (`{"path": ...}`): gradio reads those as file inputs."""
     found = []
     if isinstance(value, dict):
-        meta = value.get("meta")
-        if isinstance(meta, dict) and meta.get("_type") == "gradio.FileData":
-            path = value.get("path")
-            if isinstance(path, str) and _is_url(path) and not path.startswith("data:"):
-                found.append(path)
+        if "path" in value:
+            found.append(value)
         for item in value.values():
-            found.extend(_file_data_urls(item))
+            found.extend(_file_inputs(item))
     elif isinstance(value, list):
         for item in value:
-            found.extend(_file_data_urls(item))
+            found.extend(_file_inputs(item))
     return found
 
 
-class RequestGuard:
-    """ASGI middleware in front of gradio's routes (see the module docstring)."""
+def _file_input_problem(item: dict) -> str | None:
+    """Why a file input may not be used, or None. Gradio checks that a file was uploaded only when
+    the input carries `meta: {_type: gradio.FileData}`; without it, any server path would be read."""
+    meta = item.get("meta")
+    path = item.get("path")
+    if not (isinstance(meta, dict) and meta.get("_type") == "gradio.FileData"):
+        return "file inputs must be files uploaded to this server (POST /gradio_api/upload), sent as gradio FileData"
+    if isinstance(path, str) and _is_url(path) and not path.startswith("data:"):
+        return f"the studio does not fetch URLs; upload the file instead of {_shorten(path)!r}"
+    return None
 
-    def __init__(self, app):
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} characters)"
+
+
+def host_allowed(host_header: str, allowed_hosts: tuple[str, ...]) -> bool:
+    """Is the Host header one this server answers to? IP addresses always are (a page served from an
+    address is that address's own origin); names only when listed (`*.example.com` and `*` allowed).
+    A name resolving to this machine that is not listed is DNS rebinding: some other site's page."""
+    host = host_header.strip().lower()
+    if host.startswith("["):  # [::1]:7860
+        host = host[1 : host.find("]")] if "]" in host else ""
+    elif host.count(":") == 1:
+        host = host.rsplit(":", 1)[0]
+    if not host:
+        return False
+    if _is_ip(host):
+        return True
+    host = host.rstrip(".")
+    for pattern in allowed_hosts:
+        pattern = pattern.lower().rstrip(".")
+        if pattern == "*" or host == pattern or (pattern.startswith("*.") and host.endswith(pattern[1:])):
+            return True
+    return False
+
+
+def default_allowed_hosts(bind_host: str, share: bool = False, extra=()) -> tuple[str, ...]:
+    """localhost, the bind address's name, this machine's names when listening on every address,
+    gradio.live for a share link, and what the user listed (`--allowed-hosts`)."""
+    hosts = ["localhost", *extra]
+    if bind_host and not _is_ip(bind_host):
+        hosts.append(bind_host)
+    if bind_host in ("0.0.0.0", "::"):
+        hosts += [socket.gethostname(), socket.getfqdn()]
+    if share:
+        hosts.append("*.gradio.live")
+    return tuple(dict.fromkeys(host for host in hosts if host))
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _inside(path: str, root: str) -> bool:
+    return path != root and os.path.commonpath([path, root]) == root
+
+
+def is_inside(path: str, folder: str) -> bool:
+    """Is path (symlinks resolved) inside folder?"""
+    return _inside(os.path.realpath(path), os.path.realpath(folder))
+
+
+def served_file_allowed(target: str, file_root: str) -> bool:
+    """/file= serves only gradio's cache: the copies of the files this server handed out (results,
+    uploads). Not the outputs folder, not dotfiles, not symlinks leading out, never a URL."""
+    if not target or _is_url(target) or "\x00" in target:
+        return False
+    path, root = os.path.realpath(target), os.path.realpath(file_root)
+    if not _inside(path, root) or not os.path.isfile(path):
+        return False
+    return not any(part.startswith(".") for part in Path(path).relative_to(root).parts)
+
+
+class RequestGuard:
+    """ASGI middleware in front of gradio's routes (see the module docstring).
+
+    allowed_hosts: names the Host header may carry (IP addresses always may);
+    max_upload: bytes one upload request may carry, all its files together;
+    file_root: the folder /file= may serve (None: gradio's upload/cache folder).
+    """
+
+    def __init__(self, app, allowed_hosts=("localhost",), max_upload: int | None = None, file_root: str | None = None):
         self.app = app
+        self.allowed_hosts = tuple(allowed_hosts)
+        self.max_upload = max_upload
+        self.file_root = file_root
+
+    def _file_root(self) -> str:
+        if self.file_root is None:
+            from gradio.utils import get_upload_folder
+
+            return get_upload_folder()
+        return self.file_root
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] not in ("http", "websocket"):
             return await self.app(scope, receive, send)
         method = scope.get("method", "GET").upper()
         path = scope.get("path", "")
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope.get("headers", [])}
 
-        # 1. /file=<url> would make this server fetch the URL for the caller.
-        match = _FILE_ROUTE.match(path)
-        if match and _is_url(unquote(match.group("target"))):
-            return await _refuse(send, 403, "fetching URLs is off: /file= serves only the studio's own files")
+        # 1. DNS rebinding: a page of another site whose name now resolves to this machine.
+        host = headers.get("host", "")
+        if not host_allowed(host, self.allowed_hosts):
+            if scope["type"] == "websocket":
+                return await send({"type": "websocket.close", "code": 1008})
+            message = f"host {_shorten(host)!r} is not one this server answers to (see --allowed-hosts)"
+            return await _refuse(send, 403, message)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
 
-        # 2. A state-changing request from another site (a page in the user's browser posting here).
+        # 2. Routes the studio does not use, and /file= beyond the files this server handed out.
+        if _CLOSED_ROUTES.match(path):
+            return await _refuse(send, 404, "not found")
+        file_match = _FILE_ROUTE.match(path)
+        if file_match and not served_file_allowed(unquote(file_match.group("target")), self._file_root()):
+            return await _refuse(send, 403, "this server serves only the files it made or was sent")
+        send = _with_headers(send, _SECURITY_HEADERS + (_FILE_HEADERS if file_match else []))
+
+        # 3. A state-changing request from another site (a page in the user's browser posting here).
         origin = headers.get("origin")
-        if method not in _SAFE_METHODS and origin is not None and not _same_origin(origin, headers.get("host", "")):
-            return await _refuse(send, 403, f"cross-origin request from {origin!r} refused")
+        if method not in _SAFE_METHODS and origin is not None and not _same_origin(origin, host):
+            return await _refuse(send, 403, f"cross-origin request from {_shorten(origin)!r} refused")
+        if method != "POST":
+            return await self.app(scope, receive, send)
 
-        # 3. A file input given as a URL: gradio would download it.
-        if method == "POST" and _JSON_ROUTES.match(path) and "json" in headers.get("content-type", ""):
-            body, too_large = await _read_body(receive, MAX_JSON_BODY)
+        # 4. Uploads: the limit holds for all the files of one request together.
+        if _UPLOAD_ROUTE.match(path):
+            limit = None if self.max_upload is None else self.max_upload + _UPLOAD_FRAMING
+            declared = headers.get("content-length", "")
+            if limit is not None and declared.isdigit() and int(declared) > limit:
+                return await _refuse(send, 413, f"upload larger than this server's limit of {self.max_upload} bytes")
+            body, too_large = await _read_body(receive, limit)
             if too_large:
-                return await _refuse(send, 413, "request body too large; upload files through /upload")
-            try:
-                urls = _file_data_urls(json.loads(body or b"null"))
-            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-                urls = []  # gradio answers malformed bodies itself
-            if urls:
-                return await _refuse(
-                    send, 400, f"the studio does not fetch URLs; upload the file instead of {urls[0]!r}"
-                )
+                return await _refuse(send, 413, f"upload larger than this server's limit of {self.max_upload} bytes")
             return await self.app(scope, _replay(body), send)
-        return await self.app(scope, receive, send)
+
+        # 5. JSON bodies: file inputs must be uploads (not server paths, not URLs).
+        if headers.get("content-type", "").split(";")[0].strip().lower() in _FORM_TYPES:
+            return await self.app(scope, receive, send)
+        body, too_large = await _read_body(receive, MAX_JSON_BODY)
+        if too_large:
+            return await _refuse(send, 413, "request body too large; upload files through /gradio_api/upload")
+        if body.strip():
+            try:
+                data = json.loads(body)
+            except (ValueError, RecursionError):  # ValueError covers bad JSON, bad UTF-8, huge integers
+                return await _refuse(send, 400, "the request body is not valid JSON")
+            for item in _file_inputs(data):
+                problem = _file_input_problem(item)
+                if problem:
+                    return await _refuse(send, 400, problem)
+        return await self.app(scope, _replay(body), send)
 
 
 def _same_origin(origin: str, host: str) -> bool:
@@ -226,7 +365,17 @@ def _same_origin(origin: str, host: str) -> bool:
     return bool(parts.netloc) and parts.netloc.lower() == host.lower()
 
 
-async def _read_body(receive, limit: int) -> tuple[bytes, bool]:
+def _with_headers(send, extra: list[tuple[bytes, bytes]]):
+    async def wrapped(message):
+        if message["type"] == "http.response.start":
+            names = {name.lower() for name, _ in message.get("headers", [])}
+            message = {**message, "headers": [*message.get("headers", []), *(h for h in extra if h[0] not in names)]}
+        await send(message)
+
+    return wrapped
+
+
+async def _read_body(receive, limit: int | None) -> tuple[bytes, bool]:
     chunks, size = [], 0
     while True:
         message = await receive()
@@ -234,7 +383,7 @@ async def _read_body(receive, limit: int) -> tuple[bytes, bool]:
             break
         chunk = message.get("body", b"")
         size += len(chunk)
-        if size > limit:
+        if limit is not None and size > limit:
             return b"", True
         chunks.append(chunk)
         if not message.get("more_body", False):
@@ -261,7 +410,11 @@ async def _refuse(send, status: int, message: str) -> None:
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *_SECURITY_HEADERS,
+            ],
         }
     )
     await send({"type": "http.response.body", "body": payload})
@@ -276,6 +429,7 @@ def launch_kwargs(
     auth=None,
     share: bool = False,
     max_upload: str | int | None = DEFAULT_MAX_UPLOAD,
+    allowed_hosts=(),
     quiet: bool = False,
 ) -> dict:
     """Everything `Blocks.launch` needs to serve the studio safely."""
@@ -283,15 +437,20 @@ def launch_kwargs(
 
     outputs = Path(settings.outputs_dir).resolve()
     outputs.mkdir(parents=True, exist_ok=True)
+    guard = Middleware(
+        RequestGuard,
+        allowed_hosts=default_allowed_hosts(settings.host, share, allowed_hosts),
+        max_upload=parse_size(max_upload),
+    )
     return {
         "server_name": settings.host,
         "server_port": settings.port,
         "auth": auth,
         "share": share,
-        # The server reads files only from here (and gradio's own upload folder).
+        # Results are copied from here into gradio's cache, the only folder /file= serves (RequestGuard).
         "allowed_paths": [str(outputs)],
         "max_file_size": max_upload,
-        "app_kwargs": {"middleware": [Middleware(RequestGuard)], "docs_url": None, "redoc_url": None},
+        "app_kwargs": {"middleware": [guard], "docs_url": None, "redoc_url": None},
         "show_error": False,  # unexpected errors reach the browser as one line, never a stack trace
         "enable_monitoring": False,
         "mcp_server": False,

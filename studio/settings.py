@@ -18,6 +18,13 @@ EMBEDDED_MODEL_DIR = REPO_DIR / "assets" / "embedded-model"
 # Configs and tokenizer files for loading single-file SD checkpoints offline.
 CONFIGS_DIR = PACKAGE_DIR / "configs"
 
+# Help of the --max-output-pixels / --job-time-limit flags (CLI and server).
+MAX_OUTPUT_PIXELS_HELP = (
+    "refuse requests whose width x height x batch size is larger "
+    "(default: 4000000 on CPU/MPS, 8388608 on CUDA; also STUDIO_MAX_OUTPUT_PIXELS)"
+)
+JOB_TIME_LIMIT_HELP = "stop a job running longer; queue wait not counted (default: none; also STUDIO_JOB_TIME_LIMIT)"
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -35,6 +42,8 @@ class Settings:
     max_cached_models: int = 1  # loaded base models kept in memory; older ones are freed
     max_image_pixels: int = 4096 * 4096  # larger input images are refused (decompression bombs)
     max_batch_lines: int = 10_000  # batch files with more jobs are refused
+    max_output_pixels: int | None = None  # width x height x batch_size per request; None: by device (devices.py)
+    job_time_limit: float | None = None  # seconds a job may run (the queue wait not counted); None: no limit
     host: str = "127.0.0.1"  # the UI/API server's bind address
     port: int = 7860  # the UI/API server's port
     extra: dict = field(default_factory=dict)  # room for task-specific settings
@@ -54,8 +63,39 @@ class Settings:
             values["device"] = env["STUDIO_DEVICE"]
         if "STUDIO_DTYPE" in env:
             values["dtype"] = env["STUDIO_DTYPE"]
+        if "STUDIO_MAX_OUTPUT_PIXELS" in env:
+            values["max_output_pixels"] = _from_env(env, "STUDIO_MAX_OUTPUT_PIXELS", positive_int)
+        if "STUDIO_JOB_TIME_LIMIT" in env:
+            values["job_time_limit"] = _from_env(env, "STUDIO_JOB_TIME_LIMIT", positive_seconds)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
     def with_(self, **changes) -> "Settings":
         return replace(self, **changes)
+
+
+def positive_int(text: str) -> int:
+    """A whole number > 0 (argparse type and environment variable parser)."""
+    value = int(text)
+    if value <= 0:
+        raise ValueError(f"{text!r} is not a positive whole number")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """A finite number of seconds > 0 (argparse type and environment variable parser)."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise ValueError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
+def _from_env(env, name: str, parse):
+    """A variable's value parsed, None when empty or "none"; the error names the variable."""
+    text = env[name].strip()
+    if text.lower() in ("", "none"):
+        return None
+    try:
+        return parse(text)
+    except ValueError:
+        raise ValueError(f"{name}={env[name]!r} should be a positive number") from None

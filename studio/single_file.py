@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import tempfile
 import zipfile
@@ -359,11 +360,11 @@ def _load_pickle_state_dict(path: Path, *, allow_pickle: bool) -> tuple[dict, An
         loaded = _torch_load_weights_only(path)
     except pickle.UnpicklingError as error:
         raise PickleRefusedError(
-            f"{str(path)!r} was refused by weights_only loading ({_unpickler_reason(error)}): it holds Python "
+            f"{str(path)!r} was refused by weights_only loading ({torch_load_reason(error)}): it holds Python "
             "objects other than tensors, or is damaged; use a .safetensors version of the model"
         ) from None
     except (RuntimeError, EOFError, OSError) as error:
-        raise SingleFileError(f"{str(path)!r} is not a readable PyTorch checkpoint: {_first_line(error)}") from None
+        raise SingleFileError(f"{str(path)!r} is not a readable PyTorch checkpoint: {torch_load_reason(error)}") from None
     global_step = loaded.get("global_step") if isinstance(loaded, dict) else None
     return _unwrap_state_dict(loaded, path), global_step
 
@@ -488,12 +489,21 @@ def _set_prediction_type(pipe, prediction_type: str) -> None:
         pipe.scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
 
 
-def _unpickler_reason(error: BaseException) -> str:
-    """The one informative sentence of torch's weights_only error (the rest advises weights_only=False)."""
-    for line in str(error).splitlines():
-        if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].strip().split(". ")[0]
-    return _first_line(error)
+# Sentences of torch's weights_only error that are advice, not a reason: among them, to re-run with
+# weights_only=False, which would let the file run code. The user must never be told that.
+_TORCH_ADVICE = re.compile(
+    r"weights.only|trusted source|can still be loaded|file an issue|documentation|will likely succeed", re.IGNORECASE
+)
+
+
+def torch_load_reason(error: BaseException) -> str:
+    """The informative sentence of a torch.load error (what it refused), without torch's advice."""
+    text = str(error).replace("WeightsUnpickler error:", "\n")
+    for line in text.splitlines():
+        for sentence in re.split(r"(?<=\.)\s+", line.strip()):
+            if sentence and not _TORCH_ADVICE.search(sentence):
+                return sentence.removesuffix(".")
+    return "it holds objects other than tensors"
 
 
 def _first_line(error: BaseException) -> str:

@@ -28,3 +28,11 @@ def studio(sd15_folder, tmp_path_factory):
     from studio import Settings, Studio
 
     return Studio(Settings(model=str(sd15_folder), outputs_dir=tmp_path_factory.mktemp("outputs")))
+
+
+# Hypothesis: "ci" is deterministic and quick; HYPOTHESIS_PROFILE=long fuzzes for longer.
+from hypothesis import settings as hypothesis_settings  # noqa: E402
+
+hypothesis_settings.register_profile("ci", max_examples=200, deadline=None, derandomize=True)
+hypothesis_settings.register_profile("long", max_examples=5000, deadline=None)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -4,6 +4,7 @@ import hashlib
 import importlib.util
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image
@@ -34,3 +35,20 @@ def load_app():
         sys.modules["app"] = module
         spec.loader.exec_module(module)
     return sys.modules["app"]
+
+
+def serve(studio, settings, **options):
+    """The web app served on a free loopback port as `python app.py` serves it (not blocking)."""
+    from studio.server import free_port
+
+    app = load_app()
+    settings = settings.with_(port=free_port())
+    demo = app.build_app(studio, settings, queue_size=options.pop("queue_size", 8))
+    _, url, _ = app.launch(demo, settings, block=False, quiet=True, **options)
+    return SimpleNamespace(url=url, demo=demo, settings=settings, outputs=Path(settings.outputs_dir).resolve())
+
+
+def client_for(url, tmp_path):
+    from gradio_client import Client
+
+    return Client(url, verbose=False, download_files=str(tmp_path), analytics_enabled=False)

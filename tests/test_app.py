@@ -8,17 +8,15 @@ semantic checks run on the embedded model when it is present.
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import os
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from helpers import load_app
+from helpers import client_for, load_app, serve
 from PIL import Image
 
 pytest.importorskip("gradio")
@@ -29,7 +27,7 @@ from gradio_client import Client, handle_file  # noqa: E402
 
 from studio.metadata import read_record  # noqa: E402
 from studio.progress import GenerationCancelled  # noqa: E402
-from studio.server import check_exposure, free_port, parse_auth  # noqa: E402
+from studio.server import check_exposure, parse_auth  # noqa: E402
 from studio.settings import EMBEDDED_MODEL_DIR  # noqa: E402
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -37,18 +35,6 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 def pipeline_exists(task: str) -> bool:
     return importlib.util.find_spec(f"pipelines.{task}") is not None
-
-
-def serve(studio, settings, **options):
-    app = load_app()
-    settings = settings.with_(port=free_port())
-    demo = app.build_app(studio, settings, queue_size=options.pop("queue_size", 8))
-    _, url, _ = app.launch(demo, settings, block=False, quiet=True, **options)
-    return SimpleNamespace(url=url, demo=demo, settings=settings, outputs=Path(settings.outputs_dir).resolve())
-
-
-def client_for(url, tmp_path) -> Client:
-    return Client(url, verbose=False, download_files=str(tmp_path), analytics_enabled=False)
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +238,9 @@ def test_batch_renders_lines_reports_bad_ones_and_zips(client, tmp_path):
 # -- serving safely -------------------------------------------------------------------------------
 
 
-def test_files_outside_the_outputs_are_refused(served, tmp_path):
+def test_only_files_the_server_handed_out_are_served(served, tmp_path):
+    # Issue 14: /file= used to serve anything under outputs (dotfiles, other users' inputs); now only
+    # gradio's copies of what the studio handed out. A file merely lying in outputs is refused.
     inside = served.outputs / "inside.png"
     Image.new("RGB", (4, 4), "red").save(inside)
     link = served.outputs / "link.png"
@@ -261,9 +249,8 @@ def test_files_outside_the_outputs_are_refused(served, tmp_path):
     secret = Path.cwd() / ".env-test-secret"
     base = served.url.rstrip("/") + "/gradio_api/file="
     with httpx.Client(timeout=10) as http:
-        assert http.get(base + str(inside)).status_code == 200
-        assert http.get(base + str(inside)).content == inside.read_bytes()
         refused = [
+            str(inside),
             "/etc/passwd",
             "..%2f..%2f..%2f..%2f..%2fetc%2fpasswd",
             "%2fetc%2fpasswd",
@@ -596,10 +583,9 @@ def test_embedded_model_inpaints_only_inside_the_mask(served_embedded, tmp_path)
 def test_png_bytes_survive_the_download(served, client):
     """Downloads are the PNGs Studio wrote: same bytes, same text chunks (no webp re-encode)."""
     gallery, _, _ = generate(client, seed=123)
-    url = served.url.rstrip("/") + "/gradio_api/file=" + str(served.outputs / Path(gallery[0]["image"]).name)
-    with httpx.Client(timeout=10) as http:
-        data = http.get(url).content
-    with Image.open(io.BytesIO(data)) as image:
+    downloaded = Path(gallery[0]["image"])  # fetched by the client from the URL the server handed out
+    assert downloaded.read_bytes() == (served.outputs / downloaded.name).read_bytes()
+    with Image.open(downloaded) as image:
         assert image.format == "PNG" and "studio" in image.text and "parameters" in image.text
 
 
