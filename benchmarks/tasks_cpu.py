@@ -146,7 +146,7 @@ def available(task: str) -> bool:
 
 def run_benchmark(studio, size: int, steps: int, repeats: int, imagic_steps: tuple[int, int], imagic_full: bool) -> list[Row]:
     """Time every task through `studio`; returns one row per (task, variant)."""
-    from pipelines.imagic import imagic_cache
+    from studio_pipelines.imagic import imagic_cache
 
     images = inputs(size)
     common = dict(width=size, height=size, num_inference_steps=steps, seed=1234)

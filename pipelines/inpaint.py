@@ -1,6 +1,6 @@
 """Region inpainting and outpainting: repaint the masked part of an image, keep every other pixel exactly.
 
-Which pixels are repainted (see pipelines.masks for the exact conventions):
+Which pixels are repainted (see studio_pipelines.masks for the exact conventions):
 - `mask_image` without transparency: white = repaint. With transparency (an RGBA paint layer from a
   browser editor): the painted (alpha > 0) area is repainted.
 - no `mask_image`, and an RGBA `image` with transparent pixels: the not-fully-opaque area is repainted.

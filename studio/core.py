@@ -31,7 +31,7 @@ from .requests import (
 from .schedulers import a1111_sampler_name
 from .settings import Settings
 
-TASK_MODULES = {task: f"pipelines.{task}" for task in REQUEST_TYPES}
+TASK_MODULES = {task: f"studio_pipelines.{task}" for task in REQUEST_TYPES}
 
 
 @dataclass
@@ -98,7 +98,7 @@ class Studio:
 
     def run(self, request: BaseRequest, progress: Progress | None = None) -> Result:
         """Validate, load inputs, render, and return images with their metadata records."""
-        from pipelines.common import TaskContext, check_output_size
+        from studio_pipelines.common import TaskContext, check_output_size
 
         started = time.perf_counter()
         context = TaskContext(settings=self.settings, models=self.models, progress=progress or Progress())

@@ -6,15 +6,25 @@ the UI and the tests call `Settings(...)` (or `Settings.from_env()`) themselves.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-# The package's own folder; the embedded model lives beside the package in a
-# source checkout (assets/) and is the default model everywhere.
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
-EMBEDDED_MODEL_DIR = REPO_DIR / "assets" / "embedded-model"
+
+
+def _embedded_model_dir() -> Path:
+    """The default model: assets/embedded-model, installed as the `studio_assets` package (from a wheel
+    or an editable install), else beside the package in a source checkout."""
+    spec = importlib.util.find_spec("studio_assets")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations))) / "embedded-model"
+    return REPO_DIR / "assets" / "embedded-model"
+
+
+EMBEDDED_MODEL_DIR = _embedded_model_dir()
 # Configs and tokenizer files for loading single-file SD checkpoints offline.
 CONFIGS_DIR = PACKAGE_DIR / "configs"
 

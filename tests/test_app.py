@@ -34,7 +34,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
 def pipeline_exists(task: str) -> bool:
-    return importlib.util.find_spec(f"pipelines.{task}") is not None
+    return importlib.util.find_spec(f"studio_pipelines.{task}") is not None
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +180,7 @@ def test_unavailable_task_is_a_readable_message(client, tmp_path, monkeypatch):
 
     import studio.core
 
-    monkeypatch.setitem(studio.core.TASK_MODULES, "style_transfer", "pipelines.not_written_yet")
+    monkeypatch.setitem(studio.core.TASK_MODULES, "style_transfer", "studio_pipelines.not_written_yet")
     image = tmp_path / "in.png"
     Image.new("RGB", (64, 64), "gray").save(image)
     with pytest.raises(AppError, match="not available"):

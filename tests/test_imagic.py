@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import noise_image, pixels, unet_fingerprint
 
-from pipelines.imagic import (
+from studio_pipelines.imagic import (
     FULL_FINETUNE_LR,
     SMALL_UNET_FINETUNE_LR,
     LORA_FINETUNE_LR,

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import masks
-from pipelines.common import TaskContext
-from pipelines.inpaint import check_inputs, plan_inpaint
+from studio_pipelines import masks
+from studio_pipelines.common import TaskContext
+from studio_pipelines.inpaint import check_inputs, plan_inpaint
 from studio.requests import InpaintRequest, StudioInputError
 from studio.settings import EMBEDDED_MODEL_DIR
 
@@ -43,7 +43,7 @@ def changed(result_image: Image.Image, original: Image.Image) -> np.ndarray:
 
 
 def chebyshev_dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Reference dilation by explicit shifts (independent of pipelines.masks)."""
+    """Reference dilation by explicit shifts (independent of studio_pipelines.masks)."""
     out = mask.copy()
     h, w = mask.shape
     padded = np.pad(mask, radius)

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-import pipelines.common as common
+import studio_pipelines.common as common
 from studio import Settings, Studio
 from studio.progress import GenerationCancelled, JobTimedOut, Progress
 from studio.requests import StudioInputError
@@ -74,7 +74,7 @@ def test_raising_the_limit_lets_a_request_pass(studio):
     )
     assert len(result.images) == 2
     # The 2048x2048 request passes the check (rendering it is not this test's business).
-    from pipelines.common import TaskContext
+    from studio_pipelines.common import TaskContext
     from studio.core import make_request
 
     roomy = studio.settings.with_(max_output_pixels=2048 * 2048)

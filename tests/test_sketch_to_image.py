@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from pipelines.common import TaskContext
-from pipelines.sketch_to_image import (
+from studio_pipelines.common import TaskContext
+from studio_pipelines.sketch_to_image import (
     DARK_ON_LIGHT,
     LIGHT_ON_DARK,
     choose_method,

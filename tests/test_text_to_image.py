@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.common import NonFiniteOutputError
+from studio_pipelines.common import NonFiniteOutputError
 from studio.progress import GenerationCancelled, Progress
 
 

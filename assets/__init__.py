@@ -1,0 +1,1 @@
+"""The embedded model (`embedded-model/`), installed as package data so that a wheel carries it."""
