@@ -41,9 +41,7 @@ from studio.images import open_image, sha256_bytes
 from studio.outputs import atomic_write_new
 from studio.progress import GenerationCancelled, JobTimedOut, Progress
 from studio.requests import (
-    IMAGE_FIELDS,
     MAX_BATCH_SIZE,
-    REQUEST_TYPES,
     SCHEDULER_NAMES,
     BaseRequest,
     StudioInputError,
@@ -52,28 +50,6 @@ from studio.settings import Settings
 
 log = logging.getLogger("studio.app")
 
-TASK_TITLES = {
-    "text_to_image": "Text to image",
-    "sketch_to_image": "Sketch to image",
-    "inpaint": "Inpaint",
-    "style_transfer": "Style",
-    "imagic": "Imagic",
-}
-# Task fields shown next to the prompt; the task's other fields go under "Task options".
-MAIN_TASK_FIELDS = {
-    "sketch_to_image": ("method", "strength"),
-    "inpaint": ("strength", "mask_blur"),
-    "style_transfer": ("method", "strength", "style_strength"),
-    "imagic": ("eta",),
-}
-SHORT_TITLES = {
-    "text_to_image": "text",
-    "sketch_to_image": "sketch",
-    "inpaint": "inpaint",
-    "style_transfer": "style",
-    "imagic": "imagic",
-}
-PROMPT_LABELS = {"imagic": "prompt (the target text)", "style_transfer": "prompt (the style, in words)"}
 DEFAULT_SCHEDULER = "model default"
 HISTORY_LIMIT = 200  # images kept in a session's history gallery
 # Gradio's upload cache (uploads, and copies of the results it served) is swept hourly of files older
@@ -424,9 +400,7 @@ class StudioUI:
         at most every PREVIEW_SECONDS) and reports steps to `progress`, both from this thread,
         the one gradio gave the event. Closing the generator (the browser went away) cancels the job.
         """
-        from studio.core import make_request
-
-        request = make_request(task, **fields)  # StudioInputError names the bad field and value
+        request = self.studio.tasks.make_request(task, **fields)  # StudioInputError names the bad field and value
         cancel = threading.Event()
         self.jobs[session] = cancel
         events: queue.Queue = queue.Queue()
@@ -593,9 +567,10 @@ def _add_history(new: list, history) -> list:
 class TaskTab:
     """One generation tab: its widgets by request field, and how widget values become fields."""
 
-    def __init__(self, task: str):
-        self.task = task
-        self.request_type = REQUEST_TYPES[task]
+    def __init__(self, spec):
+        self.spec = spec  # the studio.tasks.Task this tab runs
+        self.task = spec.name
+        self.request_type = spec.request_type
         self.inputs: dict[str, gr.components.Component] = {}  # request field -> widget (the API's parameters)
         self.image_inputs: dict[str, str] = {}  # image field -> widget kind: "file", "editor" or "sketch"
         self.run_event = None
@@ -606,7 +581,7 @@ class TaskTab:
         return [
             name
             for name in self.request_type.model_fields
-            if name not in BaseRequest.model_fields and name not in IMAGE_FIELDS and name != "task"
+            if name not in BaseRequest.model_fields and name not in self.spec.image_fields and name != "task"
         ]
 
     def fields(self, values: dict, ui: StudioUI) -> dict:
@@ -625,8 +600,8 @@ class TaskTab:
         for name, kind in self.image_inputs.items():
             value = values.get(name)
             if kind == "editor":
-                if name == "image" and "mask_image" in self.request_type.model_fields:
-                    # Inpaint: the strokes on the editor's layer are the mask, unless one is uploaded.
+                if "mask_image" in self.request_type.model_fields:
+                    # The strokes painted on the editor's layer are the mask, unless one is uploaded.
                     if values.get("mask_image") is None:
                         fields["mask_image"] = ui.stage_image(editor_mask(value), "mask_image")
                 value = editor_background(value)
@@ -635,13 +610,7 @@ class TaskTab:
             staged = ui.stage_image(value, name)
             if staged is not None or name not in fields:
                 fields[name] = staged
-        missing = [
-            name
-            for name in IMAGE_FIELDS
-            if name in self.request_type.model_fields
-            and self.request_type.model_fields[name].is_required()
-            and fields.get(name) is None
-        ]
+        missing = [name for name in self.spec.required_images if fields.get(name) is None]
         if missing:
             raise StudioInputError(f"add an image for {', '.join(missing)} first")
         return fields
@@ -700,74 +669,57 @@ def _common_controls(tab: TaskTab) -> None:
 
 
 def _image_widgets(tab: TaskTab, max_pixels: int) -> None:
-    task, fields = tab.task, tab.request_type.model_fields
-    if task == "sketch_to_image":
-        tab.inputs["control_image"] = checked_editor(
-            gr.ImageEditor(
-                label="control_image: draw a sketch, or upload one",
-                value={"background": Image.new("RGB", (512, 512), "white"), "layers": [], "composite": None},
-                type="pil",
-                image_mode="RGBA",
-                sources=("upload", "clipboard"),
-                brush=gr.Brush(colors=SKETCH_COLORS, default_color="#000000", default_size=8, color_mode="defaults"),
-                transforms=(),
-                layers=False,
-                canvas_size=(512, 512),
-                height=560,
-                elem_id="sketch_to_image-control_image",
-            ),
-            max_pixels,
-        )
-        tab.image_inputs["control_image"] = "sketch"
-    elif task == "inpaint":
-        tab.inputs["image"] = checked_editor(
-            gr.ImageEditor(
-                label="image: upload it, then paint the area to repaint",
-                type="pil",
-                image_mode="RGBA",
-                sources=("upload", "clipboard"),
-                brush=gr.Brush(colors=[MASK_COLOR], default_color=MASK_COLOR, default_size=8, color_mode="fixed"),
-                eraser=gr.Eraser(default_size=8),
-                transforms=(),
-                layers=False,
-                height=560,
-                elem_id="inpaint-image",
-            ),
-            max_pixels,
-        )
-        tab.image_inputs["image"] = "editor"
-        if "mask_image" in fields:
-            with gr.Accordion("…or upload a mask (white = repaint)", open=False):
-                tab.inputs["mask_image"] = uploaded_file(
-                    gr.Image(
-                        label="mask_image",
-                        type="filepath",
-                        image_mode=None,
-                        sources=("upload", "clipboard"),
-                        height=220,
-                        elem_id="inpaint-mask_image",
-                    )
+    """The task's input images: drawn on or painted on (its `image_widgets`), else uploaded files.
+    Beside a painted image, the other images are optional uploads under an accordion (inpaint's mask)."""
+    spec = tab.spec
+    painted = [name for name in spec.image_fields if spec.image_widgets.get(name) in ("sketch", "editor")]
+    files = [name for name in spec.image_fields if name not in painted]
+    for name in painted:
+        tab.image_inputs[name] = spec.image_widgets[name]
+        tab.inputs[name] = checked_editor(_editor(tab, name), max_pixels)
+    if not files:
+        return
+    labels = [spec.image_labels.get(name, _label(name)) for name in files]
+    with gr.Accordion(f"…or upload the {', '.join(labels)}", open=False) if painted else gr.Row():
+        for name, label in zip(files, labels):
+            tab.image_inputs[name] = "file"
+            tab.inputs[name] = uploaded_file(
+                gr.Image(
+                    label=label,
+                    type="filepath",
+                    image_mode=None,
+                    sources=("upload", "clipboard"),
+                    height=220 if painted else 300,
+                    elem_id=f"{spec.name}-{name}",
                 )
-            tab.image_inputs["mask_image"] = "file"
-    else:
-        labels = {
-            "image": "image: the photo to edit" if task == "imagic" else "image: to restyle",
-            "reference_image": "reference_image: the style to take (optional)",
-        }
-        with gr.Row():
-            for name in IMAGE_FIELDS:
-                if name in fields:
-                    tab.inputs[name] = uploaded_file(
-                        gr.Image(
-                            label=labels.get(name, name),
-                            type="filepath",
-                            image_mode=None,
-                            sources=("upload", "clipboard"),
-                            height=300,
-                            elem_id=f"{task}-{name}",
-                        )
-                    )
-                    tab.image_inputs[name] = "file"
+            )
+
+
+def _editor(tab: TaskTab, name: str) -> gr.ImageEditor:
+    """A sketch canvas (white, palette brushes) or an image to paint a mask on (one mask colour, eraser)."""
+    sketch = tab.spec.image_widgets[name] == "sketch"
+    options = dict(
+        label=tab.spec.image_labels.get(name, _label(name)),
+        type="pil",
+        image_mode="RGBA",
+        sources=("upload", "clipboard"),
+        transforms=(),
+        layers=False,
+        height=560,
+        elem_id=f"{tab.spec.name}-{name}",
+    )
+    if sketch:
+        return gr.ImageEditor(
+            value={"background": Image.new("RGB", (512, 512), "white"), "layers": [], "composite": None},
+            brush=gr.Brush(colors=SKETCH_COLORS, default_color="#000000", default_size=8, color_mode="defaults"),
+            canvas_size=(512, 512),
+            **options,
+        )
+    return gr.ImageEditor(
+        brush=gr.Brush(colors=[MASK_COLOR], default_color=MASK_COLOR, default_size=8, color_mode="fixed"),
+        eraser=gr.Eraser(default_size=8),
+        **options,
+    )
 
 
 def _build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
@@ -776,11 +728,8 @@ def _build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
         with gr.Column(scale=5):
             _image_widgets(tab, ui.settings.max_image_pixels)
             tab.inputs["prompt"] = gr.Textbox(
-                label=PROMPT_LABELS.get(task, "prompt"),
-                placeholder={
-                    "text_to_image": "a large red circle on the left",
-                    "imagic": "the same scene, but blue",
-                }.get(task, ""),
+                label=tab.spec.prompt_label,
+                placeholder=tab.spec.prompt_placeholder,
                 lines=2,
                 max_lines=6,
                 elem_id=f"{task}-prompt",
@@ -788,7 +737,7 @@ def _build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
             tab.inputs["negative_prompt"] = gr.Textbox(
                 label="negative prompt", lines=1, max_lines=4, elem_id=f"{task}-negative_prompt"
             )
-            promoted = MAIN_TASK_FIELDS.get(task, ())
+            promoted = tab.spec.main_fields
             extras = tab.extra_fields()
             if any(name in promoted for name in extras):
                 with gr.Row():
@@ -797,10 +746,10 @@ def _build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
                             tab.inputs[name] = field_component(tab.request_type, name)
             with gr.Row():
                 run_button = gr.Button(
-                    "Generate" if task == "text_to_image" else "Run", variant="primary", scale=3, elem_id=f"{task}-run"
+                    tab.spec.run_label, variant="primary", scale=3, elem_id=f"{task}-run"
                 )
                 tab.cancel_button = gr.Button("Cancel", variant="stop", scale=1, elem_id=f"{task}-cancel")
-            with gr.Accordion("Settings", open=task == "text_to_image", elem_id=f"{task}-settings"):
+            with gr.Accordion("Settings", open=not tab.spec.image_fields, elem_id=f"{task}-settings"):
                 _common_controls(tab)
             others = [name for name in extras if name not in promoted]
             if others:
@@ -821,7 +770,7 @@ def _build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
             )
             seed_used = gr.Textbox(label="seed used", interactive=False, elem_id=f"{task}-seed-used")
             tab.status = gr.Markdown("", label="status", elem_classes="studio-status", elem_id=f"{task}-status")
-    last_fields = gr.State(None)  # the last successful run's values (imagic: moving η re-renders from it)
+    last_fields = gr.State(None)  # the last successful run's values (for the task's rerender_fields)
     parameters = list(tab.inputs)
 
     def body(values: dict, hist, request, progress):
@@ -850,12 +799,12 @@ def _build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
             [(str(path), caption) for path, caption in zip(paths, captions)],
             ", ".join(str(seed) for seed in result.seeds),
             status,
-            _add_history([(str(p), f"{SHORT_TITLES[task]} · {c}") for p, c in zip(paths, captions)], hist),
+            _add_history([(str(p), f"{tab.spec.command} · {c}") for p, c in zip(paths, captions)], hist),
             kept,
         )
 
     doc = (
-        f"{TASK_TITLES[task]}: a `{task}` request from these fields (see studio.requests), run on the device. "
+        f"{tab.spec.title}: {tab.spec.summary}; a `{task}` request from these fields, run on the device. "
         "Returns the PNGs (metadata intact), the seeds used and a status line."
     )
     outputs = [gallery, seed_used, tab.status, history, last_fields]
@@ -878,18 +827,19 @@ def _build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
         api_visibility="private",
     )
     tab.extra_events = []
-    if task == "imagic" and "eta" in tab.inputs:
-        # Moving η re-renders from the cached fine-tune: same image, text and seed; only η changes.
-        def rerender(last, eta, hist, request: gr.Request, progress=gr.Progress()):
+    for name in tab.spec.rerender_fields:
+        # Moving the field re-renders the last run from its cached work (Imagic's fine-tune for η):
+        # same image, text and seed; only this field changes.
+        def rerender(last, value, hist, request: gr.Request, progress=gr.Progress(), name=name):
             if not last:
                 yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
                 return
-            yield from body({**last, "eta": eta}, hist, request, progress)
+            yield from body({**last, name: value}, hist, request, progress)
 
         tab.extra_events.append(
-            tab.inputs["eta"].release(
+            tab.inputs[name].release(
                 rerender,
-                [last_fields, tab.inputs["eta"], history],
+                [last_fields, tab.inputs[name], history],
                 outputs,
                 api_visibility="private",
                 concurrency_id="device",
@@ -1082,8 +1032,8 @@ def _build_png_info_tab(ui: StudioUI, tabs: gr.Tabs, task_tabs: dict[str, TaskTa
     def send_label(data):
         if not data:
             return gr.Button("Send to its tab", interactive=False)
-        task = data["request"].get("task", "text_to_image")
-        return gr.Button(f"Send to {TASK_TITLES.get(task, task)}", interactive=True)
+        task = ui.studio.tasks.get(data["request"]["task"])
+        return gr.Button(f"Send to {task.title}", interactive=True)
 
     event = image.change(
         png_info,
@@ -1099,7 +1049,7 @@ def _build_png_info_tab(ui: StudioUI, tabs: gr.Tabs, task_tabs: dict[str, TaskTa
         if not data:
             return {}
         fields = dict(data["request"])
-        task = fields.pop("task", "text_to_image")
+        task = fields.pop("task")
         tab = task_tabs.get(task)
         if tab is None:
             raise gr.Error(f"this studio has no tab for the task {task!r}")
@@ -1257,10 +1207,10 @@ def build_app(studio, settings: Settings, *, queue_size: int = server.DEFAULT_QU
             elem_id="studio-header",
         )
         with gr.Tabs() as tabs:
-            for task, title in TASK_TITLES.items():
-                with gr.Tab(title, id=task):
-                    task_tabs[task] = TaskTab(task)
-                    _build_task_tab(ui, task_tabs[task], history)
+            for spec in studio.tasks:
+                with gr.Tab(spec.title, id=spec.name):
+                    task_tabs[spec.name] = TaskTab(spec)
+                    _build_task_tab(ui, task_tabs[spec.name], history)
             with gr.Tab("Batch", id="batch"):
                 batch_tab = _build_batch_tab(ui, history)
             with gr.Tab("PNG info", id="png_info"):

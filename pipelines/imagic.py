@@ -21,12 +21,15 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from studio.images import image_sha256
-from studio.requests import ImagicRequest, StudioInputError
+from studio.requests import BaseRequest, ImageInput, StudioInputError, image_field
+from studio.tasks import Task
 
 from .common import (
     TaskContext,
@@ -43,6 +46,20 @@ from .style_transfer import (
     rgb,
     working_size,
 )
+
+
+class ImagicRequest(BaseRequest):
+    task: Literal["imagic"] = "imagic"
+    image: ImageInput = image_field(..., "The real image to edit.")
+    eta: float = Field(0.7, ge=0.0, le=1.5, description="Interpolation: 0 reconstructs the input, 1 is the target text.")
+    embedding_steps: int = Field(500, ge=1, le=10_000, description="Stage 1: text-embedding optimisation steps.")
+    embedding_lr: float = Field(1e-3, gt=0.0, le=1.0, description="Stage 1 learning rate.")
+    finetune_steps: int = Field(1000, ge=0, le=20_000, description="Stage 2: model fine-tuning steps.")
+    finetune_lr: float | None = Field(
+        None, gt=0.0, le=1.0, description="Stage 2 learning rate; None: 2e-6 for a full SD-sized UNet (1e-4 under 100M parameters), 1e-4 for a LoRA."
+    )
+    use_lora: bool = Field(False, description="Fine-tune a LoRA instead of the full UNet (faster, smaller).")
+    lora_rank: int = Field(4, ge=1, le=256, description="LoRA rank when use_lora is set.")
 
 CACHE_SIZE = 2  # trained states kept per loaded model
 CACHE_KEY = "imagic:cache"  # where the cache lives in LoadedModel.derived (cleared when the model is freed)
@@ -323,7 +340,7 @@ def train(loaded, request: ImagicRequest, image, target: dict, seed: int, progre
     return TrainedState(optimised, unet)
 
 
-def run(request: ImagicRequest, context: TaskContext, seeds: list[int]) -> list:
+def run(request: ImagicRequest, context: TaskContext, seeds: list[int], plan=None) -> list:
     """Edit the input image `len(seeds)` times; returns PIL images in seed order."""
     # 1. load the model (cached); the input image at the working size
     loaded = context.models.get(request.model)
@@ -366,3 +383,19 @@ def run(request: ImagicRequest, context: TaskContext, seeds: list[int]) -> list:
 
     # 4. decode, refusing non-finite pixels
     return to_pil(decode_latents(base, output.images, context.progress))
+
+
+TASK = Task(
+    name="imagic",
+    request_type=ImagicRequest,
+    prepare=check_inputs,
+    run=run,
+    title="Imagic",
+    command="imagic",
+    summary="edit a real image by text, Imagic-style (--image)",
+    prompt_label="prompt (the target text)",
+    prompt_placeholder="the same scene, but blue",
+    main_fields=("eta",),
+    image_labels={"image": "image: the photo to edit"},
+    rerender_fields=("eta",),
+)

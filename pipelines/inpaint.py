@@ -29,11 +29,14 @@ original latents outside the mask at every step and blends them in, "latent blen
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from PIL import Image
+from pydantic import Field
 
-from studio.requests import InpaintRequest, StudioInputError
+from studio.requests import BaseRequest, ImageInput, StudioInputError, image_field
+from studio.tasks import Task
 
 from . import masks
 from .common import (
@@ -45,6 +48,28 @@ from .common import (
     warn_if_truncated,
     with_scheduler,
 )
+
+
+class InpaintRequest(BaseRequest):
+    task: Literal["inpaint"] = "inpaint"
+    image: ImageInput = image_field(..., "The image to edit.")
+    mask_image: ImageInput = image_field(
+        None,
+        "White = repaint; or an RGBA paint layer whose painted (alpha > 0) area is repainted. "
+        "None: the image's transparent (alpha < 255) area, or only the outpainted area.",
+    )
+    strength: float = Field(1.0, ge=0.0, le=1.0, description="How much of the masked area is renoised.")
+    mask_blur: int = Field(4, ge=0, le=256, description="Feather radius of the mask edge, in pixels.")
+    mask_grow: int = Field(0, ge=-256, le=256, description="Grow (>0) or shrink (<0) the mask, in pixels.")
+    only_masked: bool = Field(
+        False,
+        description="Inpaint a crop around the mask at width x height (default: the model's native size), then paste.",
+    )
+    only_masked_padding: int = Field(32, ge=0, le=1024, description="Padding around the mask crop, in pixels.")
+    outpaint_left: int = Field(0, ge=0, le=1024, description="Extend the canvas to the left by this many pixels.")
+    outpaint_right: int = Field(0, ge=0, le=1024, description="Extend the canvas to the right.")
+    outpaint_up: int = Field(0, ge=0, le=1024, description="Extend the canvas upwards.")
+    outpaint_down: int = Field(0, ge=0, le=1024, description="Extend the canvas downwards.")
 
 
 @dataclass
@@ -124,8 +149,8 @@ def _requested_size(request: InpaintRequest, size: tuple[int, int]) -> tuple[int
     return max(8, int(round(size[0] * height / size[1] / 8)) * 8), height
 
 
-def check_inputs(request: InpaintRequest, context: TaskContext) -> None:
-    """Image/mask checks, before any model is loaded."""
+def check_inputs(request: InpaintRequest, context: TaskContext) -> InpaintPlan:
+    """Image/mask checks, before any model is loaded; returns the plan `run` follows."""
     if request.task != "inpaint":
         raise StudioInputError(f"inpaint cannot run a {request.task!r} request")
     if int(request.num_inference_steps * request.strength) < 1:
@@ -138,18 +163,22 @@ def check_inputs(request: InpaintRequest, context: TaskContext) -> None:
         context.warnings.append("the mask covers the whole image: this is plain image-to-image")
     if not request.prompt.strip() and not request.negative_prompt.strip():
         context.warnings.append("the prompt is empty: the masked area is filled without guidance")
+    return plan
 
 
 def _pipeline_class(loaded):
-    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
+    from diffusers import (
+        StableDiffusionInpaintPipeline,
+        StableDiffusionXLInpaintPipeline,
+    )
 
     return StableDiffusionXLInpaintPipeline if loaded.is_sdxl else StableDiffusionInpaintPipeline
 
 
-def run(request: InpaintRequest, context: TaskContext, seeds: list[int]) -> list:
+def run(request: InpaintRequest, context: TaskContext, seeds: list[int], plan=None) -> list:
     """Inpaint `len(seeds)` images; returns PIL images in seed order."""
-    # 1. the canvas and masks (the same work check_inputs validated)
-    plan = plan_inpaint(request, context.images)
+    # 1. the canvas and masks, as check_inputs planned them
+    plan = plan or plan_inpaint(request, context.images)
     width, height = plan.canvas.size
 
     # 2. load the model (cached) and derive its inpainting pipeline (9-channel UNet or latent blending)
@@ -200,3 +229,17 @@ def run(request: InpaintRequest, context: TaskContext, seeds: list[int]) -> list
             full = generated.crop((0, 0, width, height))
         results.append(masks.composite(plan.canvas, full, plan.soft))
     return results
+
+
+TASK = Task(
+    name="inpaint",
+    request_type=InpaintRequest,
+    prepare=check_inputs,
+    run=run,
+    title="Inpaint",
+    command="inpaint",
+    summary="repaint the masked area of an image (--image, --mask-image)",
+    main_fields=("strength", "mask_blur"),
+    image_widgets={"image": "editor"},
+    image_labels={"image": "image: upload it, then paint the area to repaint", "mask_image": "mask (white = repaint)"},
+)

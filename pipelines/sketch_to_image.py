@@ -28,16 +28,48 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageFilter
+from pydantic import Field
 
 from studio.models import resolve_model_ref
 from studio.progress import GenerationCancelled
-from studio.requests import SketchToImageRequest, StudioInputError
+from studio.requests import BaseRequest, ImageInput, StudioInputError, image_field
 from studio.schedulers import make_scheduler
+from studio.tasks import Task
 
-from .common import TaskContext, decode_latents, sampling_kwargs, to_pil, warn_if_truncated
+from .common import (
+    TaskContext,
+    decode_latents,
+    sampling_kwargs,
+    to_pil,
+    warn_if_truncated,
+)
+
+
+class SketchToImageRequest(BaseRequest):
+    task: Literal["sketch_to_image"] = "sketch_to_image"
+    control_image: ImageInput = image_field(..., "The sketch that guides the layout.")
+    method: Literal["auto", "controlnet", "t2i_adapter", "sdedit"] = Field(
+        "auto", description="How the sketch conditions the model; auto picks the best available."
+    )
+    controlnet_conditioning_scale: float = Field(1.0, ge=0.0, le=2.0, description="Strength of the sketch guidance.")
+    control_guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of steps where guidance starts.")
+    control_guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="Fraction of steps where guidance ends.")
+    strength: float = Field(0.8, ge=0.0, le=1.0, description="SDEdit: how far from the sketch to go.")
+    controlnet: str | None = Field(
+        None,
+        max_length=4096,
+        description="A local diffusers ControlNet folder; None: Settings.extra['controlnet'], else the model's own "
+        "controlnet/ subfolder (the embedded model ships one).",
+    )
+    t2i_adapter: str | None = Field(
+        None,
+        max_length=4096,
+        description="A local diffusers T2I-Adapter (sketch) folder; None: Settings.extra['t2i_adapter'] if set.",
+    )
 
 DARK_ON_LIGHT = "dark_on_light"  # what a person draws with a pen on paper
 LIGHT_ON_DARK = "light_on_dark"  # scribble ControlNets and T2I sketch adapters
@@ -232,8 +264,9 @@ def choose_method(
 # -- the task -------------------------------------------------------------------------------------------
 
 
-def check_inputs(request: SketchToImageRequest, context: TaskContext) -> None:
-    """Checks before any model is loaded (the sketch is already opened in context.images)."""
+def check_inputs(request: SketchToImageRequest, context: TaskContext) -> tuple:
+    """Checks before any model is loaded (the sketch is already opened in context.images); returns the
+    (method, conditioner) that `run` uses."""
     if request.task != "sketch_to_image":
         raise StudioInputError(f"sketch_to_image cannot run a {request.task!r} request")
     if request.control_guidance_start >= request.control_guidance_end:
@@ -244,12 +277,13 @@ def check_inputs(request: SketchToImageRequest, context: TaskContext) -> None:
     sketch = context.images["control_image"]
     if not ink_map(sketch).any() and not is_coloured(sketch):
         context.warnings.append("the sketch is blank: nothing guides the layout")
-    method, _ = choose_method(request, context, sketch)
+    method, conditioner = choose_method(request, context, sketch)
     if method == "sdedit" and int(request.num_inference_steps * request.strength) < 1:
         raise StudioInputError(
             f"strength {request.strength} x {request.num_inference_steps} steps leaves no denoising step; "
             "raise strength or num_inference_steps"
         )
+    return method, conditioner
 
 
 def _derived(
@@ -294,14 +328,14 @@ def _load_component(conditioner: Conditioner, loaded, context: TaskContext):
     return model.to(loaded.device).eval()
 
 
-def run(request: SketchToImageRequest, context: TaskContext, seeds: list[int]) -> list:
+def run(request: SketchToImageRequest, context: TaskContext, seeds: list[int], plan=None) -> list:
     """Render `len(seeds)` images guided by the sketch; returns PIL images in seed order."""
     import diffusers
 
     sketch = context.images["control_image"]
     # 1. load the model (cached) and choose the method
     loaded = context.models.get(request.model)
-    method, conditioner = choose_method(request, context, sketch)
+    method, conditioner = plan or choose_method(request, context, sketch)
     sdxl = loaded.is_sdxl
     native = loaded.pipe.unet.config.sample_size * loaded.pipe.vae_scale_factor
     width, height = output_size(request, native, sketch)
@@ -383,3 +417,17 @@ def _legacy_callback(context: TaskContext, total: int):
             raise GenerationCancelled("cancelled by the user")
 
     return callback
+
+
+TASK = Task(
+    name="sketch_to_image",
+    request_type=SketchToImageRequest,
+    prepare=check_inputs,
+    run=run,
+    title="Sketch to image",
+    command="sketch",
+    summary="make images whose layout follows a sketch (--control-image)",
+    main_fields=("method", "strength"),
+    image_widgets={"control_image": "sketch"},
+    image_labels={"control_image": "sketch: draw one, or upload one"},
+)

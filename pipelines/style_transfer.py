@@ -25,11 +25,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
-from studio.requests import StudioInputError, StyleTransferRequest
+from studio.requests import BaseRequest, ImageInput, StudioInputError, image_field
+from studio.tasks import Task
 
 from .common import (
     TaskContext,
@@ -38,6 +41,15 @@ from .common import (
     to_pil,
     warn_if_truncated,
 )
+
+
+class StyleTransferRequest(BaseRequest):
+    task: Literal["style_transfer"] = "style_transfer"
+    image: ImageInput = image_field(..., "The image to restyle.")
+    reference_image: ImageInput = image_field(None, "An image whose style to take.")
+    method: Literal["auto", "prompt", "reference", "ip_adapter"] = Field("auto", description="How style is applied.")
+    strength: float = Field(0.6, ge=0.0, le=1.0, description="How far from the input image to go.")
+    style_strength: float = Field(1.0, ge=0.0, le=2.0, description="How strongly the reference style is applied.")
 
 MIN_SIDE = 64  # input images smaller than this on either side are refused
 REFERENCE_NOISE_SEED = 0x5EED  # the reference's noise: fixed, so image i of a batch is the single render of seed i
@@ -479,7 +491,7 @@ class ip_adapter_loaded:
 # --------------------------------------------------------------------------- the task
 
 
-def run(request: StyleTransferRequest, context: TaskContext, seeds: list[int]) -> list:
+def run(request: StyleTransferRequest, context: TaskContext, seeds: list[int], plan=None) -> list:
     """Restyle the input image `len(seeds)` times; returns PIL images in seed order."""
     method = resolve_method(request)
 
@@ -543,3 +555,17 @@ def _run_reference(request, context, loaded, pipeline_class, scheduler, call, se
     pipe = context.models.derive(loaded, pipeline_class, unet=wrapper, scheduler=scheduler)
     with shared_attention(base.unet, state):
         return pipe(**call)
+
+
+TASK = Task(
+    name="style_transfer",
+    request_type=StyleTransferRequest,
+    prepare=check_inputs,
+    run=run,
+    title="Style",
+    command="style",
+    summary="restyle an image by a prompt or a reference image (--image)",
+    prompt_label="prompt (the style, in words)",
+    main_fields=("method", "strength", "style_strength"),
+    image_labels={"image": "image: to restyle", "reference_image": "style image (optional)"},
+)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from studio.requests import StudioInputError, TextToImageRequest
+from typing import Literal
+
+from studio.requests import BaseRequest, StudioInputError
+from studio.tasks import Task
 
 from .common import (
     TaskContext,
@@ -15,6 +18,10 @@ from .common import (
 )
 
 
+class TextToImageRequest(BaseRequest):
+    task: Literal["text_to_image"] = "text_to_image"
+
+
 def check_inputs(request: TextToImageRequest, context: TaskContext) -> None:
     """Checks the schema cannot express; runs before any model is loaded."""
     if not request.prompt.strip() and request.guidance_scale > 1 and not request.negative_prompt.strip():
@@ -24,7 +31,7 @@ def check_inputs(request: TextToImageRequest, context: TaskContext) -> None:
         raise StudioInputError(f"text_to_image cannot run a {request.task!r} request")
 
 
-def run(request: TextToImageRequest, context: TaskContext, seeds: list[int]) -> list:
+def run(request: TextToImageRequest, context: TaskContext, seeds: list[int], plan=None) -> list:
     """Render `len(seeds)` images for the request; returns PIL images in seed order."""
     # 1. load the model (cached) and pick the sampler
     loaded = context.models.get(request.model)
@@ -48,3 +55,16 @@ def run(request: TextToImageRequest, context: TaskContext, seeds: list[int]) -> 
 
     # 4. decode, refusing non-finite pixels
     return to_pil(decode_latents(pipe, output.images, context.progress))
+
+
+TASK = Task(
+    name="text_to_image",
+    request_type=TextToImageRequest,
+    prepare=check_inputs,
+    run=run,
+    title="Text to image",
+    command="generate",
+    summary="make images from a prompt",
+    prompt_placeholder="a large red circle on the left",
+    run_label="Generate",
+)

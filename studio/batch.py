@@ -56,7 +56,7 @@ class BatchSummary:
 # -- reading the jobs file ------------------------------------------------------------------------
 
 
-def read_jobs(jobs_path: Path, max_jobs: int, allowed_models: set[str] | None = None) -> list[Job]:
+def read_jobs(jobs_path: Path, max_jobs: int, allowed_models: set[str] | None = None, tasks=None) -> list[Job]:
     """Parse a JSONL or CSV jobs file; bad lines become jobs with an error, not an exception.
 
     Only a file that cannot be read at all, has too many jobs, or (CSV) names a column twice
@@ -68,7 +68,8 @@ def read_jobs(jobs_path: Path, max_jobs: int, allowed_models: set[str] | None = 
     if len(rows) > max_jobs:
         raise StudioInputError(f"jobs file {str(jobs_path)!r} has {len(rows)} jobs, more than the limit of {max_jobs}")
     folder = jobs_path.parent.resolve()
-    jobs = [_parse_row(line, raw, data, folder, allowed_models) for line, raw, data in rows]
+    parse = tasks.parse_request if tasks else parse_request  # `tasks`: the studio's registry, if not the built-in
+    jobs = [_parse_row(line, raw, data, folder, allowed_models, parse) for line, raw, data in rows]
     _refuse_shared_outputs(jobs)
     return jobs
 
@@ -167,13 +168,13 @@ def _typed_cell(value: str):
     return value if isinstance(parsed, str) else parsed
 
 
-def _parse_row(line: int, raw: str, data, folder: Path, allowed_models: set[str] | None) -> Job:
+def _parse_row(line: int, raw: str, data, folder: Path, allowed_models: set[str] | None, parse) -> Job:
     job = Job(line, f"{line:05d}-{hashlib.sha256(raw.encode()).hexdigest()[:8]}")
     if isinstance(data, StudioInputError):  # the line is not JSON (or not a CSV row) at all
         job.error = _reason(data)
         return job
     try:
-        request = parse_request(data)  # image paths still as written, so that its messages quote them
+        request = parse(data)  # image paths still as written, so that its messages quote them
         _check_model(request, allowed_models)
         job.request, job.written = _resolve_image_paths(request, folder)
     except Exception as error:  # whatever parsing one line raises is that line's failure, not the batch's
@@ -312,7 +313,7 @@ def run_batch(
     root = out_dir.resolve()
     for folder in [root, *(p for p in root.rglob("*") if p.is_dir())]:
         remove_stale_temp_files(folder)
-    jobs = read_jobs(jobs_path, studio.settings.max_batch_lines, allowed_models)
+    jobs = read_jobs(jobs_path, studio.settings.max_batch_lines, allowed_models, getattr(studio, "tasks", None))
     manifest_path = root / MANIFEST_NAME
     manifest = _read_manifest(manifest_path)
     summary = BatchSummary()

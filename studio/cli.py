@@ -21,13 +21,17 @@ EXIT_INTERRUPTED = 130
 
 def _add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model and device")
-    group.add_argument("--model", help="embedded (default), a diffusers folder, a cached hub id, or a .safetensors file")
+    group.add_argument(
+        "--model", help="embedded (default), a diffusers folder, a cached hub id, or a .safetensors file"
+    )
     group.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N, mps")
     group.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"])
     group.add_argument("--attention", default="auto", choices=["auto", "sdpa", "xformers"])
     group.add_argument("--attention-slicing", action="store_true", help="lower peak memory, slower")
     group.add_argument("--vae-tiling", action="store_true", help="decode large images in tiles")
-    group.add_argument("--offload", default="none", choices=["none", "model", "sequential"], help="CPU offload (GPU only)")
+    group.add_argument(
+        "--offload", default="none", choices=["none", "model", "sequential"], help="CPU offload (GPU only)"
+    )
     group.add_argument(
         "--allow-pickle", action="store_true", help="allow .ckpt/.pt/.bin pickle weights (loaded with weights_only)"
     )
@@ -47,25 +51,15 @@ def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("-b", "--batch-size", type=int, default=1, help="images to make")
 
 
-# Sub-commands that render, and the task each one runs.
-TASK_COMMANDS = {
-    "generate": ("text_to_image", "make images from a prompt"),
-    "sketch": ("sketch_to_image", "make images whose layout follows a sketch (--control-image)"),
-    "inpaint": ("inpaint", "repaint the masked area of an image (--image, --mask-image)"),
-    "style": ("style_transfer", "restyle an image by a prompt or a reference image (--image)"),
-    "imagic": ("imagic", "edit a real image by text, Imagic-style (--image)"),
-}
-
-
-def _add_task_arguments(parser: argparse.ArgumentParser, task: str) -> None:
+def _add_task_arguments(parser: argparse.ArgumentParser, task) -> None:
     """Options for the task's own request fields, generated from the schema (names and help match it)."""
     from types import UnionType
     from typing import Literal, Union, get_args, get_origin
 
-    from .requests import REQUEST_TYPES, BaseRequest
+    from .requests import BaseRequest
 
-    group = parser.add_argument_group(task)
-    for name, info in REQUEST_TYPES[task].model_fields.items():
+    group = parser.add_argument_group(task.name)
+    for name, info in task.request_type.model_fields.items():
         if name in BaseRequest.model_fields or name == "task":
             continue
         flag = "--" + name.replace("_", "-")
@@ -89,12 +83,18 @@ def _add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="studio", description="Text-to-image and image editing, offline-first.")
+def build_parser(tasks=None) -> argparse.ArgumentParser:
+    """The `studio` command line; one rendering sub-command per task of `tasks` (default: the built-in ones)."""
+    from .tasks import default_registry
+
+    tasks = tasks or default_registry()
+    parser = argparse.ArgumentParser(
+        prog="studio", description="Text-to-image and image editing, offline-first.", allow_abbrev=False
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    for command, (task, help_text) in TASK_COMMANDS.items():
-        render = commands.add_parser(command, help=help_text)
+    for task in tasks:
+        render = commands.add_parser(task.command, help=task.summary, allow_abbrev=False)
         render.add_argument("prompt")
         render.add_argument(
             "-o", "--output", help="output PNG; may hold {index} and {seed} (default: outputs/<time>-<seed>.png)"
@@ -103,28 +103,32 @@ def build_parser() -> argparse.ArgumentParser:
         _add_request_arguments(render)
         _add_task_arguments(render, task)
         _add_settings_arguments(render)
-        render.set_defaults(task=task)
+        render.set_defaults(task=task.name)
 
-    batch = commands.add_parser("batch", help="render a JSONL/CSV file of requests; rerun to resume")
+    batch = commands.add_parser(
+        "batch", help="render a JSONL/CSV file of requests; rerun to resume", allow_abbrev=False
+    )
     batch.add_argument("jobs", type=Path, help="one request per line (JSONL) or per row (CSV with a header)")
     batch.add_argument("--out", type=Path, required=True, help="folder for the PNGs and manifest.jsonl")
     _add_settings_arguments(batch)
 
-    info = commands.add_parser("info", help="print the request stored in a PNG as JSON")
+    info = commands.add_parser("info", help="print the request stored in a PNG as JSON", allow_abbrev=False)
     info.add_argument("image", type=Path)
 
-    replay = commands.add_parser("replay", help="re-render the image a PNG's metadata describes")
+    replay = commands.add_parser("replay", help="re-render the image a PNG's metadata describes", allow_abbrev=False)
     replay.add_argument("image", type=Path)
     replay.add_argument("-o", "--output", required=True, help="output PNG")
     _add_overwrite_argument(replay)
     replay.add_argument(
         "--trust-inputs", action="store_true", help="read input images whose hash the PNG does not record"
     )
-    for name in ("image", "mask-image", "control-image", "reference-image"):
-        replay.add_argument(f"--input-{name}", help=f"the {name.replace('-', '_')} the original used")
+    for name in dict.fromkeys(name for task in tasks for name in task.image_fields):
+        replay.add_argument(
+            f"--input-{name.replace('_', '-')}", dest=f"input_{name}", help=f"the {name} the original used"
+        )
     _add_settings_arguments(replay)
 
-    models = commands.add_parser("models", help="list the models available locally")
+    models = commands.add_parser("models", help="list the models available locally", allow_abbrev=False)
     models.add_argument("--models-dir", type=Path, action="append", default=[], help="a folder of models to list")
 
     commands.add_parser("train-demo", help="train the embedded model (resumable)", add_help=False)
@@ -213,17 +217,17 @@ def _save(result, target: str, overwrite: bool) -> list[Path]:
 
 
 def cmd_render(args) -> int:
-    from .core import Studio, make_request
+    from .core import Studio
     from .progress import TqdmProgress
-    from .requests import REQUEST_TYPES, BaseRequest
+    from .requests import BaseRequest
 
     seed = args.seed[0] if args.seed and len(args.seed) == 1 else args.seed
     task_fields = {
         name: getattr(args, name)
-        for name in REQUEST_TYPES[args.task].model_fields
+        for name in args.tasks.get(args.task).request_type.model_fields
         if name not in BaseRequest.model_fields and name != "task" and getattr(args, name, None) is not None
     }
-    request = make_request(
+    request = args.tasks.make_request(
         args.task,
         **task_fields,
         prompt=args.prompt,
@@ -242,7 +246,7 @@ def cmd_render(args) -> int:
     if names is not None:
         _check_outputs(names, args.overwrite)  # before any model loads
     _quiet_libraries()
-    studio = Studio(settings)
+    studio = Studio(settings, args.tasks)
     progress = TqdmProgress(disable=args.quiet)
     try:
         result = studio.run(request, progress)
@@ -261,7 +265,7 @@ def cmd_batch(args) -> int:
     from .progress import TqdmProgress
 
     _quiet_libraries()
-    studio = Studio(_settings(args))
+    studio = Studio(_settings(args), args.tasks)
 
     def on_job(job, status, detail):
         print(f"line {job.line}: {status}: {detail}", file=sys.stderr if status == "failed" else sys.stdout)
@@ -287,14 +291,12 @@ def cmd_replay(args) -> int:
     from .progress import TqdmProgress
 
     inputs = {
-        name: getattr(args, f"input_{name}")
-        for name in ("image", "mask_image", "control_image", "reference_image")
-        if getattr(args, f"input_{name}")
+        name.removeprefix("input_"): value for name, value in vars(args).items() if name.startswith("input_") and value
     }
-    record = read_record(args.image)  # a bad PNG or an existing output is reported before any model loads
+    record = read_record(args.image, args.tasks)  # a bad PNG or an existing output is reported before any model loads
     _check_outputs(output_names(args.output, [record.seed]), args.overwrite)
     _quiet_libraries()
-    studio = Studio(_settings(args))
+    studio = Studio(_settings(args), args.tasks)
     progress = TqdmProgress(disable=args.quiet)
     try:
         result = studio.replay(
@@ -320,7 +322,10 @@ def cmd_models(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, tasks=None) -> int:
+    """Run the `studio` command; `tasks`: the task registry (default: the built-in tasks)."""
+    from .tasks import default_registry
+
     argv = list(sys.argv[1:] if argv is None else argv)
     # Sub-programs with their own options.
     if argv[:1] == ["train-demo"]:
@@ -332,19 +337,15 @@ def main(argv: list[str] | None = None) -> int:
 
         return eval_main(argv[1:])
 
-    args = build_parser().parse_args(argv)
+    tasks = tasks or default_registry()
+    args = build_parser(tasks).parse_args(argv)
+    args.tasks = tasks
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    commands = {
-        **{command: cmd_render for command in TASK_COMMANDS},
-        "batch": cmd_batch,
-        "info": cmd_info,
-        "replay": cmd_replay,
-        "models": cmd_models,
-    }
+    commands = {"batch": cmd_batch, "info": cmd_info, "replay": cmd_replay, "models": cmd_models}
     from .progress import GenerationCancelled
 
     try:
-        return commands[args.command](args)
+        return commands.get(args.command, cmd_render)(args)
     except StudioInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

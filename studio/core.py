@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-import importlib
+import functools
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -21,7 +21,6 @@ from .outputs import atomic_write_bytes, atomic_write_new
 from .progress import Progress
 from .requests import (
     MAX_SEED,
-    REQUEST_TYPES,
     BaseRequest,
     StudioInputError,
     describe_validation_error,
@@ -30,8 +29,7 @@ from .requests import (
 )
 from .schedulers import a1111_sampler_name
 from .settings import Settings
-
-TASK_MODULES = {task: f"studio_pipelines.{task}" for task in REQUEST_TYPES}
+from .tasks import TaskRegistry, default_registry
 
 
 @dataclass
@@ -88,11 +86,32 @@ def output_names(target: str | Path, seeds: list[int]) -> list[Path]:
 
 
 class Studio:
-    """The studio's services (settings, model cache) and one method per task."""
+    """The studio's services (settings, model cache, tasks) and one call per task.
 
-    def __init__(self, settings: Settings | None = None):
+    `studio.run(request)` runs any request; each registered task is also a method named after it,
+    taking the prompt and then the task's images: `studio.text_to_image("a red circle",
+    seed=1)`, `studio.inpaint("a blue square", image, mask_image)`.
+    """
+
+    def __init__(self, settings: Settings | None = None, tasks: TaskRegistry | None = None):
         self.settings = settings or Settings()
         self.models = ModelManager(self.settings)
+        self.tasks = tasks or default_registry()
+
+    def __getattr__(self, name: str):
+        # Only called for names not found otherwise: a task's name gives its call.
+        tasks = self.__dict__.get("tasks")
+        if tasks is None or name not in tasks:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return functools.partial(self.run_task, name)
+
+    def run_task(self, task: str, prompt: str = "", *images, progress: Progress | None = None, **fields) -> Result:
+        """Run task `task`: the prompt, then its images in the order its request declares them, then fields."""
+        names = self.tasks.get(task).image_fields
+        if len(images) > len(names):
+            raise StudioInputError(f"{task} takes at most {len(names)} image(s) after the prompt ({', '.join(names)})")
+        fields.update(zip(names, images))
+        return self.run(self.tasks.make_request(task, prompt=prompt, **fields), progress)
 
     # -- the one entry point ------------------------------------------------------------------
 
@@ -106,9 +125,9 @@ class Studio:
         # 1. check inputs: the task's own checks, every input image and the output size, before any model
         # is loaded; the job's time limit counts from here (not from when it was queued)
         context.progress.start_deadline(self.settings.job_time_limit)
-        task = task_module(request.task)
+        task = self.tasks.get(request.task)
         context.images, input_hashes = self.load_inputs(request)
-        task.check_inputs(request, context)
+        plan = task.prepare(request, context)
         check_output_size(request, context)
 
         # 2. seeds: one per image, recorded so that the PNG replays exactly
@@ -116,7 +135,7 @@ class Studio:
         recorded = request.model_copy(update={"seed": seeds if len(seeds) > 1 else seeds[0]})
 
         # 3. render
-        images = task.run(request, context, seeds)
+        images = task.run(request, context, seeds, plan)
 
         # 4. describe each image for its PNG
         loaded = self.models.get(request.model)
@@ -146,25 +165,6 @@ class Studio:
             hashes[name] = image_sha256(image)
         return images, hashes
 
-    # -- one method per task --------------------------------------------------------------------
-
-    def text_to_image(self, prompt: str, progress: Progress | None = None, **fields) -> Result:
-        return self.run(make_request("text_to_image", prompt=prompt, **fields), progress)
-
-    def sketch_to_image(self, prompt: str, control_image, progress: Progress | None = None, **fields) -> Result:
-        return self.run(make_request("sketch_to_image", prompt=prompt, control_image=control_image, **fields), progress)
-
-    def inpaint(self, prompt: str, image, mask_image=None, progress: Progress | None = None, **fields) -> Result:
-        return self.run(
-            make_request("inpaint", prompt=prompt, image=image, mask_image=mask_image, **fields), progress
-        )
-
-    def style_transfer(self, prompt: str, image, progress: Progress | None = None, **fields) -> Result:
-        return self.run(make_request("style_transfer", prompt=prompt, image=image, **fields), progress)
-
-    def imagic(self, prompt: str, image, progress: Progress | None = None, **fields) -> Result:
-        return self.run(make_request("imagic", prompt=prompt, image=image, **fields), progress)
-
     # -- replay -----------------------------------------------------------------------------------
 
     def replay(
@@ -181,7 +181,7 @@ class Studio:
         A PNG can be forged to name any local image: one whose hash the PNG does not record is read
         only with trust_inputs. `on_input(name, path)` is called for each input file before it is read.
         """
-        record = read_record(Path(png_path))
+        record = read_record(Path(png_path), self.tasks)
         request = _with_inputs(record.request, inputs)
         missing = [name for name in record.input_hashes if getattr(request, name, None) is None]
         if missing:
@@ -220,26 +220,9 @@ def _with_inputs(request: BaseRequest, inputs: dict | None) -> BaseRequest:
         raise StudioInputError(describe_validation_error(error)) from None
 
 
-def task_module(task: str):
-    """The pipelines/ module of a task."""
-    try:
-        return importlib.import_module(TASK_MODULES[task])
-    except KeyError:
-        raise StudioInputError(f"unknown task {task!r}") from None
-    except ModuleNotFoundError as error:
-        if error.name == TASK_MODULES[task]:
-            raise StudioInputError(f"the task {task!r} is not available in this version of the studio") from None
-        raise
-
-
 def make_request(task: str, **fields) -> BaseRequest:
-    """A validated request from keyword arguments; errors quote the bad values."""
-    from pydantic import ValidationError
-
-    try:
-        return REQUEST_TYPES[task](**fields)
-    except ValidationError as error:
-        raise StudioInputError(describe_validation_error(error)) from None
+    """A validated request of a built-in task from keyword arguments; errors quote the bad values."""
+    return default_registry().make_request(task, **fields)
 
 
 __all__ = ["Studio", "Result", "make_request", "MAX_SEED"]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from PIL import Image, PngImagePlugin
 
-from .requests import IMAGE_FIELDS, MAX_SEED, BaseRequest, StudioInputError, parse_request, quote
+from .requests import MAX_SEED, BaseRequest, StudioInputError, image_field_names, parse_request, quote
 
 STUDIO_KEY = "studio"
 PARAMETERS_KEY = "parameters"
@@ -60,7 +60,7 @@ def environment_fingerprint(device: str, dtype: str) -> dict:
 def request_to_json(request: BaseRequest) -> dict:
     """The request as plain JSON; in-memory images become null (their hash is kept in input_hashes)."""
     data = request.model_dump(mode="python")
-    for name in IMAGE_FIELDS:
+    for name in image_field_names(type(request)):
         if name in data and data[name] is not None:
             data[name] = str(data[name]) if isinstance(data[name], (str, Path)) else None
     return json.loads(json.dumps(data))
@@ -120,14 +120,15 @@ def png_bytes(image: Image.Image, record: ImageRecord) -> bytes:
     return buffer.getvalue()
 
 
-def read_record(path: Path) -> ImageRecord:
+def read_record(path: Path, tasks=None) -> ImageRecord:
     """The record stored in a studio PNG; A1111 PNGs (parameters only) give a best-effort request.
 
     Whatever the file holds, the answer is a record or a StudioInputError naming what is wrong.
+    `tasks`: the task registry its request may belong to (default: the built-in tasks).
     """
     text = _png_text(Path(path))
     if STUDIO_KEY in text:
-        return _record_from_payload(_load_payload(text[STUDIO_KEY], path), path)
+        return _record_from_payload(_load_payload(text[STUDIO_KEY], path), path, tasks)
     if PARAMETERS_KEY in text:
         return parse_a1111_parameters(text[PARAMETERS_KEY])
     raise StudioInputError(f"{str(path)!r} has no generation metadata")
@@ -166,7 +167,7 @@ def _load_payload(text: str, path: Path):
         raise StudioInputError(f"{str(path)!r} has a damaged studio metadata chunk") from None
 
 
-def _record_from_payload(payload, path: Path) -> ImageRecord:
+def _record_from_payload(payload, path: Path, tasks=None) -> ImageRecord:
     """Check the shape of a `studio` chunk's JSON and build its record; a forged chunk is a StudioInputError."""
     where = f"the studio metadata of {str(path)!r}"
     if not isinstance(payload, dict):
@@ -174,7 +175,7 @@ def _record_from_payload(payload, path: Path) -> ImageRecord:
     if "request" not in payload:
         raise StudioInputError(f"{where} has no request")
     try:
-        request = parse_request(payload["request"])
+        request = (tasks.parse_request if tasks else parse_request)(payload["request"])
     except StudioInputError as error:
         raise StudioInputError(f"{where}: {error}") from None
     model = _typed(payload, "model", dict, {}, where)
@@ -210,7 +211,7 @@ def _whole_number(data: dict, key: str, default: int, high: int, where: str) -> 
 def _input_hashes(payload: dict, request: BaseRequest, where: str) -> dict[str, str]:
     hashes = _typed(payload, "input_hashes", dict, {}, where)
     for name, digest in hashes.items():
-        if name not in IMAGE_FIELDS or name not in type(request).model_fields:
+        if name not in image_field_names(type(request)):
             raise StudioInputError(f"{where}: input_hashes names {quote(name)}, not an input image of {request.task}")
         if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-f]{64}", digest):
             raise StudioInputError(f"{where}: input_hashes.{name} is not a SHA-256 hex digest: {quote(digest)}")

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Any, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
-
-TASKS = ("text_to_image", "sketch_to_image", "inpaint", "style_transfer", "imagic")
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Friendly scheduler names; studio.schedulers maps them onto diffusers classes.
 SCHEDULER_NAMES = (
@@ -160,104 +158,31 @@ class BaseRequest(BaseModel):
 
     def image_fields(self) -> dict[str, Any]:
         """The task's input images that are set, by field name."""
-        return {name: getattr(self, name) for name in IMAGE_FIELDS if getattr(self, name, None) is not None}
+        return {name: getattr(self, name) for name in image_field_names(type(self)) if getattr(self, name) is not None}
 
 
-IMAGE_FIELDS = ("image", "mask_image", "control_image", "reference_image")
+def image_field(default, description: str):
+    """A request field holding an input image: a path (CLI, batch, API) or a PIL image (Python API).
+    Entry points find a task's images by this mark (`image_field_names`)."""
+    return Field(default, description=description, json_schema_extra={"studio_image": True})
 
 
-class TextToImageRequest(BaseRequest):
-    task: Literal["text_to_image"] = "text_to_image"
-
-
-class SketchToImageRequest(BaseRequest):
-    task: Literal["sketch_to_image"] = "sketch_to_image"
-    control_image: ImageInput = Field(..., description="The sketch that guides the layout.")
-    method: Literal["auto", "controlnet", "t2i_adapter", "sdedit"] = Field(
-        "auto", description="How the sketch conditions the model; auto picks the best available."
+def image_field_names(request_type: type[BaseRequest]) -> tuple[str, ...]:
+    """The input-image fields of a request class, in declaration order."""
+    return tuple(
+        name
+        for name, info in request_type.model_fields.items()
+        if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("studio_image")
     )
-    controlnet_conditioning_scale: float = Field(1.0, ge=0.0, le=2.0, description="Strength of the sketch guidance.")
-    control_guidance_start: float = Field(0.0, ge=0.0, le=1.0, description="Fraction of steps where guidance starts.")
-    control_guidance_end: float = Field(1.0, ge=0.0, le=1.0, description="Fraction of steps where guidance ends.")
-    strength: float = Field(0.8, ge=0.0, le=1.0, description="SDEdit: how far from the sketch to go.")
-    controlnet: str | None = Field(
-        None,
-        max_length=4096,
-        description="A local diffusers ControlNet folder; None: Settings.extra['controlnet'], else the model's own "
-        "controlnet/ subfolder (the embedded model ships one).",
-    )
-    t2i_adapter: str | None = Field(
-        None,
-        max_length=4096,
-        description="A local diffusers T2I-Adapter (sketch) folder; None: Settings.extra['t2i_adapter'] if set.",
-    )
-
-
-class InpaintRequest(BaseRequest):
-    task: Literal["inpaint"] = "inpaint"
-    image: ImageInput = Field(..., description="The image to edit.")
-    mask_image: ImageInput = Field(
-        None,
-        description="White = repaint; or an RGBA paint layer whose painted (alpha > 0) area is repainted. "
-        "None: the image's transparent (alpha < 255) area, or only the outpainted area.",
-    )
-    strength: float = Field(1.0, ge=0.0, le=1.0, description="How much of the masked area is renoised.")
-    mask_blur: int = Field(4, ge=0, le=256, description="Feather radius of the mask edge, in pixels.")
-    mask_grow: int = Field(0, ge=-256, le=256, description="Grow (>0) or shrink (<0) the mask, in pixels.")
-    only_masked: bool = Field(
-        False,
-        description="Inpaint a crop around the mask at width x height (default: the model's native size), then paste.",
-    )
-    only_masked_padding: int = Field(32, ge=0, le=1024, description="Padding around the mask crop, in pixels.")
-    outpaint_left: int = Field(0, ge=0, le=1024, description="Extend the canvas to the left by this many pixels.")
-    outpaint_right: int = Field(0, ge=0, le=1024, description="Extend the canvas to the right.")
-    outpaint_up: int = Field(0, ge=0, le=1024, description="Extend the canvas upwards.")
-    outpaint_down: int = Field(0, ge=0, le=1024, description="Extend the canvas downwards.")
-
-
-class StyleTransferRequest(BaseRequest):
-    task: Literal["style_transfer"] = "style_transfer"
-    image: ImageInput = Field(..., description="The image to restyle.")
-    reference_image: ImageInput = Field(None, description="An image whose style to take.")
-    method: Literal["auto", "prompt", "reference", "ip_adapter"] = Field("auto", description="How style is applied.")
-    strength: float = Field(0.6, ge=0.0, le=1.0, description="How far from the input image to go.")
-    style_strength: float = Field(1.0, ge=0.0, le=2.0, description="How strongly the reference style is applied.")
-
-
-class ImagicRequest(BaseRequest):
-    task: Literal["imagic"] = "imagic"
-    image: ImageInput = Field(..., description="The real image to edit.")
-    eta: float = Field(0.7, ge=0.0, le=1.5, description="Interpolation: 0 reconstructs the input, 1 is the target text.")
-    embedding_steps: int = Field(500, ge=1, le=10_000, description="Stage 1: text-embedding optimisation steps.")
-    embedding_lr: float = Field(1e-3, gt=0.0, le=1.0, description="Stage 1 learning rate.")
-    finetune_steps: int = Field(1000, ge=0, le=20_000, description="Stage 2: model fine-tuning steps.")
-    finetune_lr: float | None = Field(
-        None, gt=0.0, le=1.0, description="Stage 2 learning rate; None: 2e-6 for a full SD-sized UNet (1e-4 under 100M parameters), 1e-4 for a LoRA."
-    )
-    use_lora: bool = Field(False, description="Fine-tune a LoRA instead of the full UNet (faster, smaller).")
-    lora_rank: int = Field(4, ge=1, le=256, description="LoRA rank when use_lora is set.")
-
-
-Request = Annotated[
-    Union[TextToImageRequest, SketchToImageRequest, InpaintRequest, StyleTransferRequest, ImagicRequest],
-    Field(discriminator="task"),
-]
-REQUEST_TYPES = {
-    "text_to_image": TextToImageRequest,
-    "sketch_to_image": SketchToImageRequest,
-    "inpaint": InpaintRequest,
-    "style_transfer": StyleTransferRequest,
-    "imagic": ImagicRequest,
-}
-_request_adapter: TypeAdapter = TypeAdapter(Request)
 
 
 MAX_PROBLEMS_CHARS = 400  # problems past this length of message are counted, not listed
 
 
-def describe_validation_error(error: ValidationError) -> str:
-    """One readable line per problem: `field: message (got value)`; long values are cut, many problems counted."""
-    lines = [_describe_problem(item) for item in error.errors()]
+def describe_validation_error(error: ValidationError, tags: tuple[str, ...] = ()) -> str:
+    """One readable line per problem: `field: message (got value)`; long values are cut, many problems counted.
+    `tags`: a tagged union's tags (the task names), which pydantic puts first in a field's location."""
+    lines = [_describe_problem(item, tags) for item in error.errors()]
     shown = lines[:1]
     for line in lines[1:]:
         if len("; ".join(shown + [line])) > MAX_PROBLEMS_CHARS:
@@ -267,9 +192,9 @@ def describe_validation_error(error: ValidationError) -> str:
     return "; ".join(shown) + (f"; and {more} more problem{'s' * (more > 1)}" if more else "")
 
 
-def _describe_problem(item: dict) -> str:
+def _describe_problem(item: dict, tags: tuple[str, ...]) -> str:
     loc = [str(part)[:QUOTE_CHARS] for part in item["loc"]]
-    if loc and loc[0] in REQUEST_TYPES:  # the union's tag adds nothing for the reader
+    if loc and loc[0] in tags:  # the union's tag adds nothing for the reader
         loc = loc[1:]
     where = ".".join(loc) or "request"
     message = item["msg"].removeprefix("Value error, ")
@@ -279,22 +204,11 @@ def _describe_problem(item: dict) -> str:
     return f"{where}: {message} (got {quote(got)})"
 
 
-def parse_request(data: dict) -> BaseRequest:
-    """A request from plain data (a batch line, PNG metadata, an API body); task defaults to text_to_image."""
-    if not isinstance(data, dict):
-        raise StudioInputError(f"a request must be a JSON object, got {type(data).__name__}")
-    data = {"task": "text_to_image", **data}
-    if not isinstance(data["task"], str) or data["task"] not in REQUEST_TYPES:
-        raise StudioInputError(f"unknown task {quote(data['task'])}; choose one of: {', '.join(TASKS)}")
-    for name in IMAGE_FIELDS:
-        # Plain data names images by path; anything else would only fail later, when the image is opened.
-        value = data.get(name)
-        if value is not None and (not isinstance(value, str) or "\x00" in value):
-            raise StudioInputError(f"{name} must be a file path, got {quote(value)}")
-    try:
-        return _request_adapter.validate_python(data)
-    except ValidationError as error:
-        raise StudioInputError(describe_validation_error(error)) from None
+def parse_request(data) -> BaseRequest:
+    """A request of any built-in task from plain data (a batch line, PNG metadata, an API body)."""
+    from .tasks import parse_request  # the tasks' modules declare their request classes
+
+    return parse_request(data)
 
 
 def seeds_for(request: BaseRequest, random_seed: int) -> list[int]:

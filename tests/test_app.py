@@ -174,21 +174,6 @@ def test_bombs_and_non_images_are_refused_with_readable_errors(client, tmp_path)
             assert "/tmp/" not in text and "verbose error reporting" not in text, text
 
 
-def test_unavailable_task_is_a_readable_message(client, tmp_path, monkeypatch):
-    """While a task's pipeline module is missing, its tab says so instead of failing."""
-    from gradio_client.exceptions import AppError
-
-    import studio.core
-
-    monkeypatch.setitem(studio.core.TASK_MODULES, "style_transfer", "studio_pipelines.not_written_yet")
-    image = tmp_path / "in.png"
-    Image.new("RGB", (64, 64), "gray").save(image)
-    with pytest.raises(AppError, match="not available"):
-        client.predict(
-            image=handle_file(str(image)), prompt="in blue", num_inference_steps=2, api_name="/style_transfer"
-        )
-
-
 def test_every_task_has_a_stable_endpoint(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
     for name in (
@@ -335,6 +320,7 @@ class BlockingStudio:
         self.real = real
         self.settings = real.settings
         self.models = real.models
+        self.tasks = real.tasks
         self.release = threading.Event()
         self.running = 0
         self.most_at_once = 0

@@ -7,17 +7,18 @@ import numpy as np
 import pytest
 import torch
 from helpers import noise_image, pixels, unet_fingerprint
-
 from studio_pipelines.imagic import (
     FULL_FINETUNE_LR,
-    SMALL_UNET_FINETUNE_LR,
     LORA_FINETUNE_LR,
+    SMALL_UNET_FINETUNE_LR,
+    ImagicRequest,
     LoRALinear,
     finetune_lr,
     imagic_cache,
 )
+
 from studio.progress import GenerationCancelled, Progress
-from studio.requests import ImagicRequest, StudioInputError
+from studio.requests import StudioInputError
 from studio.settings import EMBEDDED_MODEL_DIR
 
 # Small enough for 2 CPU cores, large enough that training visibly costs more than sampling.

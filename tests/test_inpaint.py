@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from studio_pipelines import masks
 from studio_pipelines.common import TaskContext
-from studio_pipelines.inpaint import check_inputs, plan_inpaint
-from studio.requests import InpaintRequest, StudioInputError
+from studio_pipelines.inpaint import InpaintRequest, check_inputs, plan_inpaint
+
+from studio.requests import StudioInputError
 from studio.settings import EMBEDDED_MODEL_DIR
 
 STEPS = 2
@@ -60,7 +60,11 @@ def chebyshev_erode(mask: np.ndarray, radius: int) -> np.ndarray:
 @pytest.fixture(scope="session")
 def inpaint9_folder(sd15_folder, tmp_path_factory):
     """The tiny SD1.5 model with a dedicated 9-channel inpainting UNet, saved as an inpainting pipeline."""
-    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        StableDiffusionInpaintPipeline,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
 
     base = StableDiffusionPipeline.from_pretrained(sd15_folder, local_files_only=True)
     config = dict(base.unet.config)

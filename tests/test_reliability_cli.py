@@ -22,15 +22,13 @@ from studio import core as studio_core
 from studio.cli import main
 from studio.metadata import ImageRecord, parse_a1111_parameters, png_bytes, read_record, record_to_json
 from studio.models import ModelError, ModelManager
-from studio.requests import (
-    IMAGE_FIELDS,
-    REQUEST_TYPES,
-    TASKS,
-    BaseRequest,
-    StudioInputError,
-    parse_request,
-)
+from studio.requests import BaseRequest, StudioInputError, parse_request
 from studio.settings import Settings
+from studio.tasks import default_registry
+
+REQUEST_TYPES = {task.name: task.request_type for task in default_registry()}
+TASKS = default_registry().names
+IMAGE_FIELDS = tuple(dict.fromkeys(name for task in default_registry() for name in task.image_fields))
 
 MAX_MESSAGE_CHARS = 600  # "a few hundred characters": what any StudioInputError may run to
 
@@ -513,3 +511,282 @@ def test_png_text_is_read_without_decoding_the_pixels(tmp_path, monkeypatch):
     png = png_with_text(tmp_path / "a.png", parameters="a cat\nSteps: 20, Seed: 3")
     monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: pytest.fail("pixels decoded"))
     assert read_record(png).seed == 3
+
+
+# == reliability-cases.md, case by case: attacks no test above sends =================================
+
+import http.server  # noqa: E402
+import threading  # noqa: E402
+
+from studio.requests import MAX_PROMPT_CHARS  # noqa: E402
+
+
+@pytest.fixture
+def cli_uses_session_studio(studio, monkeypatch):
+    """`studio` commands run on the session's Studio (its tiny model already loaded) instead of building
+    one from the flags: what is checked is the command's own behaviour (messages, exit codes, files)."""
+    monkeypatch.setattr(studio_core, "Studio", lambda settings=None: studio)
+    return studio
+
+
+def _write_jobs(path: Path, lines: list) -> Path:
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return path
+
+
+# -- reliability-cases.md #1, #3: `studio batch` lines whose paths try to leave --------------------------------
+
+
+def test_case_1_3_studio_batch_keeps_every_path_inside_without_loading_a_model(tmp_path, capsys, no_model_loads):
+    folder = tmp_path / "jobs"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), "blue").save(tmp_path / "secret.png")
+    style = {"task": "style_transfer", "prompt": "x", "num_inference_steps": 1}
+    images = ["../secret.png", "..\\..\\secret.png", str(tmp_path / "secret.png"), "/etc/passwd", "x\u0000.png"]
+    outputs = ["../../x.png", "..\\..\\x", "/etc/x.png", "C:\\x.png", "x\u0000"]
+    lines = [{**style, "image": image} for image in images] + [{"prompt": "x", "output": out} for out in outputs]
+    out = tmp_path / "out"
+    assert main(["batch", str(_write_jobs(folder / "jobs.jsonl", lines)), "--out", str(out), "--quiet"]) == 1
+    printed = capsys.readouterr()
+    assert "0 rendered, 0 already done, 10 failed" in printed.out
+    failed = printed.err.splitlines()
+    assert [line.split(":")[0] for line in failed] == [f"line {n}" for n in range(1, 11)]
+    assert not any("a model was loaded" in line or "Traceback" in line for line in failed), failed
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["jobs", "out", "secret.png"]
+    assert [path.name for path in out.iterdir()] == ["manifest.jsonl"]
+
+
+# -- reliability-cases.md #4: a pickle with code in it, as .ckpt, .bin or .png ----------------------------------
+
+
+@pytest.mark.parametrize("name", ["evil.ckpt", "evil.bin", "evil.png"])
+def test_case_4_studio_generate_refuses_a_pickle_model_and_never_runs_its_code(name, tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    checkpoint = tmp_path / name
+    torch.save({"state_dict": {"x": _CreatesFileWhenUnpickled(marker)}}, checkpoint)
+    out = tmp_path / "out.png"
+    assert main(["generate", "x", "--model", str(checkpoint), "-o", str(out), "--steps", "1", "--quiet"]) == 2
+    assert "--allow-pickle" in one_line_error(capsys)
+    assert main(["generate", "x", "--model", str(checkpoint), "-o", str(out), "--steps", "1", "--quiet",
+                 "--allow-pickle"]) == 2
+    err = one_line_error(capsys)
+    assert "weights_only" in err and not any(advice in err for advice in TORCH_ADVICE)
+    assert not marker.exists() and not out.exists()
+
+
+# -- reliability-cases.md #5: models that need remote code ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "index, message",
+    [
+        ({"_class_name": "StableDiffusionPipeline", "unet": ["my_unet", "MyUNet"]}, "remote code"),
+        ({"_class_name": "LongPromptWeightingPipeline"}, "custom pipeline"),
+    ],
+)
+def test_case_5_studio_generate_refuses_a_model_needing_remote_code(index, message, tmp_path, capsys):
+    folder = tmp_path / "remote-model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(json.dumps(index))
+    (folder / "my_unet.py").write_text(f"open({str(tmp_path / 'pwned')!r}, 'w')\n")
+    assert main(["generate", "x", "--model", str(folder), "-o", str(tmp_path / "out.png"), "--quiet"]) == 2
+    assert message in one_line_error(capsys)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_case_5_python_api_refuses_remote_code_options_before_loading(sd15_folder, no_model_loads):
+    studio = studio_with(model=str(sd15_folder))
+    for option in ({"custom_pipeline": "lpw_stable_diffusion"}, {"trust_remote_code": True}):
+        with pytest.raises(StudioInputError, match=next(iter(option))):
+            studio.text_to_image("x", **option)
+
+
+# -- reliability-cases.md #6, #8, #9, #12: unusable input images on the command line ---------------------------
+
+
+@pytest.fixture(scope="module")
+def counting_http_server():
+    """A server on loopback that redirects to a link-local address, recording every request it gets."""
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the handler's API
+            hits.append(self.path)
+            self.send_response(302)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/x.png", hits
+    server.shutdown()
+    server.server_close()
+
+
+def test_case_6_8_9_12_unusable_images_are_one_line_errors_before_any_model_load(
+    tmp_path, capsys, monkeypatch, no_model_loads, counting_http_server
+):
+    url, hits = counting_http_server
+    monkeypatch.chdir(tmp_path)
+    bomb_png(tmp_path / "bomb.png")
+    Path("evil.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>')
+    Path("page.png").write_text("<html><script>alert(1)</script></html>")
+    Image.new("RGB", (64, 64), "gray").save("in.png")
+    Image.new("RGB", (1, 1), "red").save("dot.png")
+    Image.new("L", (48, 40), 255).save("small-mask.png")
+    Image.new("L", (64, 64), 0).save("black-mask.png")
+    attacks = [
+        (["style", "x", "--image", "bomb.png"], "not a readable raster image"),
+        (["sketch", "x", "--control-image", "bomb.png"], "not a readable raster image"),
+        (["inpaint", "x", "--image", "in.png", "--mask-image", "bomb.png"], "not a readable raster image"),
+        (["style", "x", "--image", "evil.svg"], "not a readable raster image"),
+        (["imagic", "x", "--image", "page.png"], "not a readable raster image"),
+        (["style", "x", "--image", url], "does not fetch URLs"),
+        (["style", "x", "--image", "in.png", "--reference-image", url], "does not fetch URLs"),
+        (["inpaint", "x", "--image", "http://169.254.169.254/latest"], "does not fetch URLs"),
+        (["inpaint", "x", "--image", "in.png", "--mask-image", "small-mask.png"], "48x40"),
+        (["inpaint", "x", "--image", "in.png", "--mask-image", "black-mask.png"], "nothing to repaint"),
+        (["style", "x", "--image", "dot.png"], "1x1"),
+        (["imagic", "x", "--image", "dot.png"], "1x1"),
+    ]
+    for argv, message in attacks:
+        assert main([*argv, "-o", "out.png", "--quiet"]) == 2, argv
+        assert message in one_line_error(capsys), argv
+    assert hits == [] and not Path("out.png").exists()
+
+
+# -- reliability-cases.md #10: every bad number, refused before any model load -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, quoted",
+    [
+        (["generate", "x", "-W", "0"], "(got 0)"),
+        (["generate", "x", "-W=-8"], "(got -8)"),
+        (["generate", "x", "-W", "100000"], "(got 100000)"),
+        (["generate", "x", "-W", "100"], "(got 100)"),
+        (["generate", "x", "-H=-8"], "(got -8)"),
+        (["generate", "x", "--steps", "0"], "(got 0)"),
+        (["generate", "x", "--steps=-1"], "(got -1)"),
+        (["generate", "x", "--steps", "1000000"], "(got 1000000)"),
+        (["generate", "x", "--cfg", "nan"], "got nan"),
+        (["generate", "x", "--cfg", "inf"], "got inf"),
+        (["generate", "x", "--cfg=-inf"], "got -inf"),
+        (["generate", "x", "-b", "0"], "(got 0)"),
+        (["generate", "x", "-b", "1000000"], "(got 1000000)"),
+        (["generate", "x", "--seed", str(2**64)], str(2**64)),
+        (["generate", "x", "--seed=-1"], "got -1"),
+        (["generate", "x", "--seed", "1", str(2**64)], str(2**64)),
+        (["style", "x", "--image", "in.png", "--strength=-0.1"], "(got -0.1)"),
+        (["inpaint", "x", "--image", "in.png", "--strength", "1.5"], "(got 1.5)"),
+    ],
+)
+def test_case_10_bad_numbers_are_one_line_errors_before_any_model_load(argv, quoted, tmp_path, monkeypatch, capsys,
+                                                                     no_model_loads):
+    monkeypatch.chdir(tmp_path)
+    assert main([*argv, "-o", "out.png", "--quiet"]) == 2
+    assert quoted in one_line_error(capsys)
+    assert not Path("out.png").exists()
+
+
+def test_case_10_python_api_refuses_bad_numbers_before_loading(sd15_folder, no_model_loads):
+    studio = studio_with(model=str(sd15_folder))
+    for fields in [{"width": 0}, {"height": -8}, {"width": 100_000}, {"num_inference_steps": 10**6},
+                   {"guidance_scale": math.nan}, {"guidance_scale": -math.inf}, {"batch_size": 10**6},
+                   {"seed": 2**64}, {"seed": [1, -1]}]:
+        with pytest.raises(StudioInputError, match=next(iter(fields))):
+            studio.text_to_image("x", **fields)
+    for strength in (-0.1, 1.5):
+        with pytest.raises(StudioInputError, match="strength"):
+            studio.style_transfer("x", Image.new("RGB", (64, 64)), strength=strength)
+
+
+# -- reliability-cases.md #11: a 100k-character prompt with control and RTL characters ------------------------
+
+
+def test_case_11_studio_generate_warns_about_truncation_and_keeps_the_prompt_verbatim(
+    tmp_path, capsys, cli_uses_session_studio
+):
+    prompt = "red " * 25_000 + "\u202eevil\u202c \u0627\u0644 \x07\x1b[31m {seed} %s $(id)\nSteps: 999, Seed: 7"
+    out = tmp_path / "out.png"
+    assert main(["generate", prompt, "--seed", "3", "-o", str(out), "--steps", "1", "--quiet"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "tokens long; only the first 77 are used" in warnings[0], warnings
+    assert main(["info", str(out)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["request"]["prompt"] == prompt and info["seed"] == 3  # verbatim: never evaluated or formatted
+    assert len(prompt) < MAX_PROMPT_CHARS
+    assert main(["generate", "x" * (MAX_PROMPT_CHARS + 1), "-o", str(tmp_path / "long.png")]) == 2
+    assert "200000" in one_line_error(capsys)
+
+
+# -- reliability-cases.md #14: non-finite latents or pixels ---------------------------------------------------
+
+
+def test_case_14_non_finite_latents_are_refused_not_saved(studio, tmp_path, monkeypatch):
+    from studio_pipelines.common import NonFiniteOutputError
+
+    unet = studio.models.get(None).pipe.unet
+    original = unet.forward
+
+    def diverging(*args, **kwargs):
+        output = original(*args, **kwargs)
+        output[0].fill_(float("nan")) if isinstance(output, tuple) else output.sample.fill_(float("nan"))
+        return output
+
+    monkeypatch.setattr(unet, "forward", diverging)
+    with pytest.raises(NonFiniteOutputError, match="NaN/inf latents"):
+        studio.text_to_image("x", seed=1, num_inference_steps=1)
+
+
+def test_case_14_fp16_overflow_in_the_decode_is_retried_in_fp32(studio):
+    from diffusers.models.autoencoders.vae import DecoderOutput
+
+    vae = studio.models.get(None).pipe.vae
+    expected = studio.text_to_image("x", seed=1, num_inference_steps=1).images[0]
+    original, dtypes = vae.decode, []
+
+    def overflowing_in_half(latents, *args, **kwargs):  # what an fp16 VAE does on some images
+        dtypes.append(latents.dtype)
+        if latents.dtype == torch.float16:
+            return DecoderOutput(sample=torch.full((1, 3, 64, 64), float("inf"), dtype=torch.float16))
+        return original(latents, *args, **kwargs)
+
+    upcast, weights = vae.config.force_upcast, {name: value.clone() for name, value in vae.state_dict().items()}
+    vae.decode = overflowing_in_half
+    vae.to(torch.float16)
+    vae.register_to_config(force_upcast=False)  # a VAE said to be fp16-safe: decoded in fp16 first
+    try:
+        result = studio.text_to_image("x", seed=1, num_inference_steps=1)
+        assert vae.dtype == torch.float16  # put back as it was
+    finally:
+        del vae.decode
+        vae.to(torch.float32)
+        vae.load_state_dict(weights)  # the session's model exactly as it was (fp16 rounded the weights)
+        vae.register_to_config(force_upcast=upcast)
+    assert all(torch.equal(value, weights[name]) for name, value in vae.state_dict().items())
+    assert dtypes == [torch.float16, torch.float32]  # tried in fp16, overflowed, decoded again in fp32
+    difference = np.abs(np.asarray(result.images[0], dtype=np.int16) - np.asarray(expected, dtype=np.int16))
+    assert difference.max() <= 2  # the fp32 image (from fp16-rounded weights), not the overflowed one
+
+
+def test_case_14_studio_generate_reports_a_non_finite_image_and_saves_nothing(
+    tmp_path, capsys, monkeypatch, cli_uses_session_studio
+):
+    vae = cli_uses_session_studio.models.get(None).pipe.vae
+    original = vae.decode
+
+    def overflowing(*args, **kwargs):
+        output = original(*args, **kwargs)
+        output.sample.fill_(float("nan"))
+        return output
+
+    monkeypatch.setattr(vae, "decode", overflowing)
+    out = tmp_path / "out.png"
+    assert main(["generate", "x", "--seed", "1", "-o", str(out), "--steps", "1", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "NaN/inf" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

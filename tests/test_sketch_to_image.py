@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
-
 from studio_pipelines.common import TaskContext
 from studio_pipelines.sketch_to_image import (
     DARK_ON_LIGHT,
     LIGHT_ON_DARK,
+    SketchToImageRequest,
     choose_method,
     control_image,
     flatten_sketch,
@@ -21,9 +21,10 @@ from studio_pipelines.sketch_to_image import (
     output_size,
     sketch_polarity,
 )
+
 from studio import Settings
 from studio.demo import world
-from studio.requests import SketchToImageRequest, StudioInputError
+from studio.requests import StudioInputError
 from studio.settings import EMBEDDED_MODEL_DIR
 
 STEPS = 2
