@@ -23,7 +23,8 @@ import torch
 
 from studio import Settings, Studio
 from studio.demo import shapes_eval, world
-from studio.demo.train import tokenize, train_noise_scheduler
+from studio.demo.training.architecture import train_noise_scheduler
+from studio.demo.training.data import tokenize
 
 REVERSED = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 TIMESTEPS = (999, 950, 850, 700, 500)
