@@ -11,8 +11,9 @@ import logging
 import sys
 from pathlib import Path
 
+from .console import quiet_libraries
+from .flags import add_settings_arguments, settings_from_args
 from .requests import SCHEDULER_NAMES, StudioInputError
-from .settings import MAX_OUTPUT_PIXELS_HELP, positive_int
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -20,22 +21,7 @@ EXIT_INTERRUPTED = 130
 
 
 def _add_settings_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("model and device")
-    group.add_argument(
-        "--model", help="embedded (default), a diffusers folder, a cached hub id, or a .safetensors file"
-    )
-    group.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N, mps")
-    group.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"])
-    group.add_argument("--attention", default="auto", choices=["auto", "sdpa", "xformers"])
-    group.add_argument("--attention-slicing", action="store_true", help="lower peak memory, slower")
-    group.add_argument("--vae-tiling", action="store_true", help="decode large images in tiles")
-    group.add_argument(
-        "--offload", default="none", choices=["none", "model", "sequential"], help="CPU offload (GPU only)"
-    )
-    group.add_argument(
-        "--allow-pickle", action="store_true", help="allow .ckpt/.pt/.bin pickle weights (loaded with weights_only)"
-    )
-    group.add_argument("--max-output-pixels", type=positive_int, metavar="N", help=MAX_OUTPUT_PIXELS_HELP)
+    group = add_settings_arguments(parser)
     group.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -137,36 +123,7 @@ def build_parser(tasks=None) -> argparse.ArgumentParser:
 
 
 def _settings(args):
-    from .settings import Settings
-
-    overrides = {
-        "model": getattr(args, "model", None),
-        "device": getattr(args, "device", None),
-        "dtype": getattr(args, "dtype", None),
-        "attention": getattr(args, "attention", None),
-        "attention_slicing": getattr(args, "attention_slicing", None),
-        "vae_tiling": getattr(args, "vae_tiling", None),
-        "offload": getattr(args, "offload", None),
-        "allow_pickle": getattr(args, "allow_pickle", None),
-        "max_output_pixels": getattr(args, "max_output_pixels", None),
-    }
-    if getattr(args, "models_dir", None):
-        overrides["models_dirs"] = tuple(args.models_dir)
-    return Settings.from_env(**overrides)
-
-
-def _quiet_libraries() -> None:
-    """Library chatter (loading bars, deprecation notes) is not for the user of a CLI."""
-    import warnings
-
-    import diffusers
-    import transformers
-
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
+    return settings_from_args(args)
 
 
 def _print_warnings(warnings: list[str]) -> None:
@@ -245,7 +202,7 @@ def cmd_render(args) -> int:
     names = _names_known_now(args.output, request) if args.output else None
     if names is not None:
         _check_outputs(names, args.overwrite)  # before any model loads
-    _quiet_libraries()
+    quiet_libraries()
     studio = Studio(settings, args.tasks)
     progress = TqdmProgress(disable=args.quiet)
     try:
@@ -264,7 +221,7 @@ def cmd_batch(args) -> int:
     from .core import Studio
     from .progress import TqdmProgress
 
-    _quiet_libraries()
+    quiet_libraries()
     studio = Studio(_settings(args), args.tasks)
 
     def on_job(job, status, detail):
@@ -295,7 +252,7 @@ def cmd_replay(args) -> int:
     }
     record = read_record(args.image, args.tasks)  # a bad PNG or an existing output is reported before any model loads
     _check_outputs(output_names(args.output, [record.seed]), args.overwrite)
-    _quiet_libraries()
+    quiet_libraries()
     studio = Studio(_settings(args), args.tasks)
     progress = TqdmProgress(disable=args.quiet)
     try:

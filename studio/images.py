@@ -7,7 +7,7 @@ import io
 import warnings
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from .requests import StudioInputError
 
@@ -53,16 +53,7 @@ def open_image(source, *, max_pixels: int, name: str = "image", keep_alpha: bool
                 raise StudioInputError(f"{label} is a folder, not an image") from None
             except OSError as error:
                 raise StudioInputError(f"{label} cannot be read: {error.strerror}") from None
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data))
-        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
-            raise StudioInputError(f"{label} is not a readable raster image (or it is too large)") from None
-        if image.format not in ALLOWED_FORMATS:
-            raise StudioInputError(f"{label} has format {image.format!r}; use PNG, JPEG, WEBP, BMP, GIF or TIFF")
-        if image.width * image.height > max_pixels:
-            raise StudioInputError(f"{label} is {image.width}x{image.height}, more than the limit of {max_pixels} pixels")
+        image = check_image_header(data, max_pixels=max_pixels, name=label)
         try:
             image.seek(0)  # animated images: the first frame
             image.load()
@@ -70,6 +61,26 @@ def open_image(source, *, max_pixels: int, name: str = "image", keep_alpha: bool
             raise StudioInputError(f"{label} is damaged: {error}") from None
         image = ImageOps.exif_transpose(image)
     return normalise_mode(image, keep_alpha=keep_alpha)
+
+
+def check_image_header(source, *, max_pixels: int, name: str = "image") -> Image.Image:
+    """Open a path or bytes reading only the header: a raster format, at most max_pixels, else StudioInputError.
+
+    `name` starts every message. Returns the image with no pixel decoded yet (load or close it).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except Exception:  # PIL's errors for non-images, damaged headers and decompression bombs
+        raise StudioInputError(f"{name} is not a readable raster image (or it is too large)") from None
+    if image.format not in ALLOWED_FORMATS:
+        image.close()
+        raise StudioInputError(f"{name} has format {image.format!r}; use PNG, JPEG, WEBP, BMP, GIF or TIFF")
+    if image.width * image.height > max_pixels:
+        image.close()
+        raise StudioInputError(f"{name} is {image.width}x{image.height}, more than the limit of {max_pixels} pixels")
+    return image
 
 
 def normalise_mode(image: Image.Image, *, keep_alpha: bool = False) -> Image.Image:

@@ -1,6 +1,6 @@
 """Serving the web UI safely: command-line options, exposure rules, a request guard, launch settings.
 
-The UI itself (tabs, events) is `app.py`; this module decides *how* it is served:
+The UI itself (tabs, events) is `studio/ui/`; this module decides *how* it is served:
 
 - it binds 127.0.0.1 unless told otherwise, and refuses to listen on another address or open a
   share link without a password (`--auth user:pass`), unless `--insecure-no-auth` says so;
@@ -25,8 +25,9 @@ import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from . import flags
 from .requests import StudioInputError
-from .settings import JOB_TIME_LIMIT_HELP, MAX_OUTPUT_PIXELS_HELP, Settings, positive_int, positive_seconds
+from .settings import JOB_TIME_LIMIT_HELP, Settings, positive_seconds
 
 DEFAULT_MAX_UPLOAD = "50mb"
 DEFAULT_QUEUE_SIZE = 16
@@ -41,19 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python app.py",
         description="The studio's web UI and API (gradio). Serves 127.0.0.1 only unless told otherwise.",
     )
-    model = parser.add_argument_group("model and device")
-    model.add_argument(
-        "--model", help="embedded (default), a diffusers folder, a cached hub id, or a .safetensors file"
-    )
-    model.add_argument("--models-dir", type=Path, action="append", default=[], help="a folder of models to offer")
-    model.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N, mps")
-    model.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"])
-    model.add_argument("--attention-slicing", action="store_true", default=None, help="lower peak memory, slower")
-    model.add_argument("--vae-tiling", action="store_true", default=None, help="decode large images in tiles")
-    model.add_argument(
-        "--offload", default=None, choices=["none", "model", "sequential"], help="CPU offload (GPU only)"
-    )
-    model.add_argument("--allow-pickle", action="store_true", default=None, help="allow pickle weights (weights_only)")
+    model = flags.add_settings_arguments(parser)
     model.add_argument("--no-preload", action="store_true", help="load the model on the first request, not at start")
 
     serving = parser.add_argument_group("serving")
@@ -86,31 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument(
         "--queue-size", type=int, default=DEFAULT_QUEUE_SIZE, help=f"jobs that may wait (default {DEFAULT_QUEUE_SIZE})"
     )
-    serving.add_argument("--max-output-pixels", type=positive_int, metavar="N", help=MAX_OUTPUT_PIXELS_HELP)
     serving.add_argument("--job-time-limit", type=positive_seconds, metavar="SECONDS", help=JOB_TIME_LIMIT_HELP)
     return parser
 
 
 def settings_from_args(args: argparse.Namespace, environ: dict | None = None) -> Settings:
     """Settings from STUDIO_* variables, then the command line; the bind address from --host/--listen."""
-    host = args.host or ("0.0.0.0" if args.listen else None)
-    overrides = {
-        "model": args.model,
-        "device": args.device,
-        "dtype": args.dtype,
-        "attention_slicing": args.attention_slicing,
-        "vae_tiling": args.vae_tiling,
-        "offload": args.offload,
-        "allow_pickle": args.allow_pickle,
-        "outputs_dir": args.outputs,
-        "host": host,
-        "port": args.port,
-        "max_output_pixels": args.max_output_pixels,
-        "job_time_limit": args.job_time_limit,
-    }
-    if args.models_dir:
-        overrides["models_dirs"] = tuple(args.models_dir)
-    return Settings.from_env(environ, **overrides)
+    return flags.settings_from_args(
+        args,
+        environ,
+        outputs_dir=args.outputs,
+        host=args.host or ("0.0.0.0" if args.listen else None),
+        port=args.port,
+        job_time_limit=args.job_time_limit,
+    )
 
 
 def parse_auth(text: str | None) -> list[tuple[str, str]] | None:

@@ -1,8 +1,6 @@
 """Small helpers shared by the task tests."""
 
 import hashlib
-import importlib.util
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,24 +25,14 @@ def unet_fingerprint(unet) -> tuple:
     return digest.hexdigest(), {name: (type(p).__name__, id(p)) for name, p in unet.attn_processors.items()}
 
 
-def load_app():
-    """app.py lives at the repository root, outside the package; import it once as module `app`."""
-    if "app" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("app", Path(__file__).resolve().parent.parent / "app.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["app"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["app"]
-
-
 def serve(studio, settings, **options):
     """The web app served on a free loopback port as `python app.py` serves it (not blocking)."""
     from studio.server import free_port
+    from studio.ui import build_app, launch
 
-    app = load_app()
     settings = settings.with_(port=free_port())
-    demo = app.build_app(studio, settings, queue_size=options.pop("queue_size", 8))
-    _, url, _ = app.launch(demo, settings, block=False, quiet=True, **options)
+    demo = build_app(studio, settings, queue_size=options.pop("queue_size", 8))
+    _, url, _ = launch(demo, settings, block=False, quiet=True, **options)
     return SimpleNamespace(url=url, demo=demo, settings=settings, outputs=Path(settings.outputs_dir).resolve())
 
 

@@ -1,4 +1,4 @@
-"""The web UI/API in-process: gradio_client drives every endpoint of `app.build_app`.
+"""The web UI/API in-process: gradio_client drives every endpoint of `studio.ui.build_app`.
 
 One app on the tiny SD1.5 model serves most tests; the queue tests use a studio whose
 `run` blocks until the test lets it go, so they are deterministic and bounded; the
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import client_for, load_app, serve
+from helpers import client_for, serve
 from PIL import Image
 
 pytest.importorskip("gradio")
@@ -286,10 +286,11 @@ def test_serving_beyond_localhost_needs_a_password():
     check_exposure("0.0.0.0", True, None, True)
     with pytest.raises(StudioInputError):
         parse_auth("no-colon")
-    app = load_app()
-    assert app.main(["--listen"]) == 2
-    assert app.main(["--share"]) == 2
-    assert app.main(["--host", "192.168.1.5"]) == 2
+    from studio.ui import main
+
+    assert main(["--listen"]) == 2
+    assert main(["--share"]) == 2
+    assert main(["--host", "192.168.1.5"]) == 2
 
 
 def test_a_password_keeps_others_out(studio, tmp_path):

@@ -17,7 +17,6 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
-from helpers import load_app
 from PIL import Image
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -46,10 +45,11 @@ TIMEOUT_MS = 180_000  # a render on two busy CPU cores
 
 @pytest.fixture(scope="module")
 def served(studio):
-    app = load_app()
+    from studio.ui import build_app, launch
+
     settings = studio.settings.with_(port=free_port())
-    demo = app.build_app(studio, settings)
-    _, url, _ = app.launch(demo, settings, block=False, quiet=True)
+    demo = build_app(studio, settings)
+    _, url, _ = launch(demo, settings, block=False, quiet=True)
     yield url
     demo.close()
 

@@ -1,0 +1,68 @@
+"""The model and device flags that `studio` and `python app.py` share, and the Settings they make.
+
+Every flag defaults to None, "not given": the setting then comes from its STUDIO_* variable, if any,
+else from `Settings`' own default. Both entry points call these two functions, so their flags cannot drift.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .settings import MAX_OUTPUT_PIXELS_HELP, Settings, positive_int
+
+# Settings fields set by a flag of the same name (--models-dir, repeatable, sets models_dirs).
+SETTINGS_FLAGS = (
+    "model",
+    "device",
+    "dtype",
+    "attention",
+    "attention_slicing",
+    "vae_tiling",
+    "offload",
+    "allow_pickle",
+    "max_output_pixels",
+)
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    """Add the "model and device" group; returns it, for an entry point's own flags (--quiet, --no-preload)."""
+    group = parser.add_argument_group("model and device")
+    group.add_argument(
+        "--model", help="embedded (default), a diffusers folder, a cached hub id, or a .safetensors file"
+    )
+    group.add_argument(
+        "--models-dir", type=Path, action="append", default=[], help="a folder of models to offer (repeatable)"
+    )
+    group.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N, mps")
+    group.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"])
+    group.add_argument(
+        "--attention",
+        default=None,
+        choices=["auto", "sdpa", "xformers"],
+        help="auto (default: xformers on CUDA when installed, else SDPA)",
+    )
+    group.add_argument("--attention-slicing", action="store_true", default=None, help="lower peak memory, slower")
+    group.add_argument("--vae-tiling", action="store_true", default=None, help="decode large images in tiles")
+    group.add_argument(
+        "--offload", default=None, choices=["none", "model", "sequential"], help="CPU offload (GPU only)"
+    )
+    group.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        default=None,
+        help="allow .ckpt/.pt/.bin pickle weights (loaded with weights_only)",
+    )
+    group.add_argument("--max-output-pixels", type=positive_int, metavar="N", help=MAX_OUTPUT_PIXELS_HELP)
+    return group
+
+
+def settings_from_args(args: argparse.Namespace, environ: dict | None = None, **overrides) -> Settings:
+    """Settings from STUDIO_* variables, then the flags given, then `overrides` (an entry point's own flags).
+
+    A flag missing from `args` (a sub-command without the group) counts as not given.
+    """
+    values = {name: getattr(args, name, None) for name in SETTINGS_FLAGS}
+    if getattr(args, "models_dir", None):
+        values["models_dirs"] = tuple(args.models_dir)
+    return Settings.from_env(environ, **{**values, **overrides})

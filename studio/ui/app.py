@@ -1,0 +1,168 @@
+"""The whole app: `build_app` puts the tabs together, `launch` serves it, `main` is `python app.py`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+
+import gradio as gr
+
+from studio import server
+from studio.requests import StudioInputError
+from studio.settings import Settings
+
+from .batch_tab import build_batch_tab
+from .models_tab import build_models_tab
+from .png_info_tab import build_png_info_tab
+from .runner import StudioUI, session_key
+from .task_tab import TaskTab, build_task_tab
+
+# Gradio's upload cache (uploads, and copies of the results it served) is swept hourly of files older
+# than a day; inputs the studio stored in outputs/inputs/ are kept longer (runner.INPUT_MAX_AGE).
+UPLOAD_CACHE_SWEEP = (3600, 24 * 3600)
+
+CSS = """
+.gradio-container { width: 100% !important; max-width: 1320px !important; margin: 0 auto !important; }
+#studio-header h1 { margin: 0 0 2px 0; }
+#studio-header p { margin: 0; opacity: 0.75; }
+.studio-status p { margin: 4px 0; }
+"""
+
+
+def build_app(studio, settings: Settings, *, queue_size: int = server.DEFAULT_QUEUE_SIZE) -> gr.Blocks:
+    """The whole UI as a gr.Blocks with its queue configured; serve it with `launch(demo, settings, ...)`.
+
+    Nothing here loads a model or picks a device: `studio` does that on the first request.
+    """
+    ui = StudioUI(studio, settings)
+    task_tabs: dict[str, TaskTab] = {}
+    with gr.Blocks(title="Studio", analytics_enabled=False, delete_cache=UPLOAD_CACHE_SWEEP) as demo:
+        history = gr.State([])  # this session's images, newest first: [(path, caption)]
+        history_gallery = gr.Gallery(
+            label="history",
+            show_label=False,
+            columns=6,
+            height=220,
+            format="png",
+            type="filepath",
+            object_fit="contain",
+            fit_columns=False,
+            interactive=False,
+            buttons=["download", "fullscreen"],
+            elem_id="history",
+            render=False,
+        )
+        gr.Markdown(
+            "# Studio\nText to image and image editing on this machine. Every PNG keeps its settings: "
+            "drop one on **PNG info** to see or reuse them.",
+            elem_id="studio-header",
+        )
+        with gr.Tabs() as tabs:
+            for spec in studio.tasks:
+                with gr.Tab(spec.title, id=spec.name):
+                    task_tabs[spec.name] = TaskTab(spec)
+                    build_task_tab(ui, task_tabs[spec.name], history)
+            with gr.Tab("Batch", id="batch"):
+                batch_tab = build_batch_tab(ui, history)
+            with gr.Tab("PNG info", id="png_info"):
+                build_png_info_tab(ui, tabs, task_tabs)
+            with gr.Tab("Models and settings", id="models") as models_tab:
+                build_models_tab(ui, demo, models_tab)
+        with gr.Accordion("History: this session's images", open=True):
+            history_gallery.render()
+
+        run_tabs = [*task_tabs.values(), batch_tab]
+        run_events = [tab.run_event for tab in run_tabs]
+        run_events += [event for tab in task_tabs.values() for event in tab.extra_events]
+        for event in run_events:
+            event.then(lambda h: h, history, history_gallery, api_visibility="private", queue=False)
+
+        def cancel(request: gr.Request) -> str:
+            """Cancel this client's running job after its current step (finished images are kept)."""
+            if ui.cancel(session_key(request)):
+                return "Cancelling after the current step…"
+            return "Nothing is running in this session."
+
+        # The API's cancel first, so that it is the one named /cancel.
+        gr.Button(visible=False).click(cancel, None, gr.Textbox(visible=False), queue=False, api_name="cancel")
+        for tab in run_tabs:
+            # Stops this session's running job after its current step; the job then answers as usual
+            # ("Cancelled.", or a batch's finished files). Not gradio's `cancels=`: that would detach the
+            # page from the running job, so a batch's finished files would never be shown.
+            tab.cancel_button.click(
+                cancel,
+                None,
+                tab.status,
+                queue=False,
+                api_visibility="private",
+                api_name=f"cancel_{getattr(tab, 'task', 'batch')}",
+            )
+
+    demo.studio_ui = ui  # for main() (preload) and tests
+    demo.queue(max_size=queue_size, default_concurrency_limit=1)
+    return demo
+
+
+def launch(
+    demo: gr.Blocks,
+    settings: Settings,
+    *,
+    block: bool = True,
+    auth=None,
+    share: bool = False,
+    max_upload=server.DEFAULT_MAX_UPLOAD,
+    allowed_hosts=(),
+    quiet: bool = False,
+):
+    """Serve the app as `main()` does (tests call this with block=False and a free port)."""
+    options = server.launch_kwargs(
+        settings, auth=auth, share=share, max_upload=max_upload, allowed_hosts=allowed_hosts, quiet=quiet
+    )
+    return demo.launch(prevent_thread_lock=not block, css=CSS, **options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python app.py`: check the flags (2 on a bad one), serve, preload the model, block until interrupted."""
+    args = server.build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("studio").setLevel(logging.INFO)  # model loading, preload time
+    try:
+        settings = server.settings_from_args(args)
+        auth = server.parse_auth(args.auth or os.environ.get("STUDIO_AUTH"))
+        server.check_exposure(settings.host, args.share, auth, args.insecure_no_auth)
+        server.parse_size(args.max_upload)
+    except StudioInputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    server.environ_for_offline()  # before diffusers/transformers are imported: they read it then
+    from studio.core import Studio  # torch
+
+    imported = server.process_age()
+    demo = build_app(Studio(settings), settings, queue_size=args.queue_size)
+    allowed_hosts = [host.strip() for host in args.allowed_hosts.split(",") if host.strip()]
+    _, local_url, _ = launch(
+        demo,
+        settings,
+        block=False,
+        auth=auth,
+        share=args.share,
+        max_upload=args.max_upload,
+        allowed_hosts=allowed_hosts,
+    )
+    server.wait_until_ready(local_url)
+    ready = server.process_age()
+    print(
+        f"ready at {local_url}: {ready:.1f} s after the process started "
+        f"({imported:.1f} s to import gradio and torch, {ready - imported:.1f} s to build and serve)",
+        flush=True,
+    )
+    if not args.no_preload:
+        threading.Thread(target=demo.studio_ui.preload, name="preload", daemon=True).start()
+    try:
+        demo.block_thread()
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,110 @@
+"""The Models and settings tab: the model, device and memory options, applied through a fresh Studio."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from .runner import StudioUI, friendly
+
+
+def build_models_tab(ui: StudioUI, demo: gr.Blocks, tab: gr.Tab) -> None:
+    def choices():
+        from studio.models import list_local_models
+
+        found = [entry["reference"] for entry in list_local_models(ui.settings)]
+        return found if ui.settings.model in found else [ui.settings.model, *found]
+
+    settings = ui.settings
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5):
+            model = gr.Dropdown(
+                [settings.model],
+                value=settings.model,
+                label="model",
+                allow_custom_value=True,
+                info="embedded, a diffusers folder, a cached hub id or a .safetensors file",
+            )
+            with gr.Row():
+                device = gr.Dropdown(
+                    ["auto", "cpu", "cuda", "mps"],
+                    value=settings.device,
+                    label="device",
+                    allow_custom_value=True,
+                    info="auto: cuda, then mps, then cpu; or cuda:1 …",
+                )
+                dtype = gr.Dropdown(["auto", "float32", "float16", "bfloat16"], value=settings.dtype, label="dtype")
+            with gr.Row():
+                attention = gr.Dropdown(["auto", "sdpa", "xformers"], value=settings.attention, label="attention")
+                offload = gr.Dropdown(
+                    ["none", "model", "sequential"],
+                    value=settings.offload,
+                    label="offload",
+                    info="CPU offload (GPU only)",
+                )
+            with gr.Row():
+                slicing = gr.Checkbox(
+                    value=settings.attention_slicing, label="attention slicing", info="lower peak memory, slower"
+                )
+                tiling = gr.Checkbox(value=settings.vae_tiling, label="VAE tiling", info="decode large images in tiles")
+            with gr.Row():
+                apply = gr.Button("Apply", variant="primary")
+                load = gr.Button("Load the model now")
+                refresh = gr.Button("Refresh list")
+        with gr.Column(scale=4):
+            status = gr.Markdown(elem_classes="studio-status", elem_id="models-status")
+
+    def describe():
+        settings = ui.settings
+        lines = [f"**Model:** `{settings.model}` · **device:** `{settings.device}` · **dtype:** `{settings.dtype}`"]
+        loaded = ui.studio.models.loaded_models()
+        for ref in loaded:
+            lines.append(f"Loaded: `{ref.name}` ({ref.kind})")
+        if not loaded:
+            lines.append("No model loaded yet: it loads with the first request.")
+        if ui.preload_error:
+            lines.append(f"⚠️ {ui.preload_error}")
+        lines.append(f"Outputs: `{ui.outputs}`")
+        return "\n\n".join(lines)
+
+    def apply_settings(model, device, dtype, attention, offload, slicing, tiling):
+        try:
+            from studio.devices import pick_device
+            from studio.models import resolve_model_ref
+
+            pick_device(device)  # clear errors now rather than at the next render
+            resolve_model_ref(model or "embedded", ui.settings)
+            ui.swap_settings(
+                model=model or "embedded",
+                device=device,
+                dtype=dtype,
+                attention=attention,
+                offload=offload,
+                attention_slicing=bool(slicing),
+                vae_tiling=bool(tiling),
+            )
+            ui.preload_error = None
+        except Exception as error:
+            raise friendly(error) from None
+        return describe()
+
+    def load_now(progress=gr.Progress()):
+        progress(0, desc="loading the model")
+        try:
+            with ui.device_lock:
+                ui.studio.models.get(None)
+        except Exception as error:
+            raise friendly(error) from None
+        return describe()
+
+    def refresh_list():
+        return gr.Dropdown(choices=choices()), describe()
+
+    private = {"api_visibility": "private"}
+    device_queue = {"concurrency_id": "device", "concurrency_limit": 1}
+    apply.click(
+        apply_settings, [model, device, dtype, attention, offload, slicing, tiling], status, **private, **device_queue
+    )
+    load.click(load_now, None, status, **private, **device_queue)
+    refresh.click(refresh_list, None, [model, status], **private, queue=False)
+    demo.load(refresh_list, None, [model, status], **private, queue=False)
+    tab.select(refresh_list, None, [model, status], **private, queue=False)

@@ -1,0 +1,230 @@
+"""StudioUI, what every tab shares: the studio, the device lock, per-session cancel, staged inputs, previews."""
+
+from __future__ import annotations
+
+import io
+import logging
+import queue
+import secrets
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+from PIL import Image
+
+from studio.console import quiet_libraries
+from studio.images import open_image, sha256_bytes
+from studio.outputs import atomic_write_new
+from studio.progress import Progress
+from studio.requests import StudioInputError
+from studio.settings import Settings
+
+log = logging.getLogger(__name__)
+
+HISTORY_LIMIT = 200  # images kept in a session's history gallery
+INPUT_MAX_AGE = 7 * 24 * 3600  # inputs the studio stored in outputs/inputs/ (for replay and "send to")
+PREVIEW_SECONDS = 0.25  # the least time between two live previews of one job
+
+
+class SessionProgress(Progress):
+    """A Progress whose cancel flag is the session's current job flag (one Cancel stops a whole batch)."""
+
+    def __init__(self, on_update, cancel_flag: threading.Event):
+        super().__init__(on_update)
+        self._cancel = cancel_flag
+
+
+class StudioUI:
+    """Holds the Studio (swapped when settings change) and the state shared by all sessions."""
+
+    def __init__(self, studio, settings: Settings):
+        self.studio = studio
+        self.settings = settings
+        self.outputs = Path(settings.outputs_dir).resolve()
+        self.device_lock = threading.Lock()  # one job at a time on the device (the queue also ensures it)
+        self.jobs: dict[str, threading.Event] = {}  # session -> cancel flag of its running job
+        self.preload_seconds: float | None = None
+        self.preload_error: str | None = None
+        self.last_prune = 0.0  # when stored inputs were last pruned (time.time())
+
+    # -- inputs ---------------------------------------------------------------------------------
+
+    def stage_image(self, value, name: str) -> str | None:
+        """Check an uploaded/painted image like Studio does and keep it as a PNG in outputs/inputs/.
+
+        The request then names a file inside the outputs folder, so the PNG's metadata can be
+        replayed and "send to" can bring the input back; nothing from outside the folder is read.
+        """
+        if value is None:
+            return None
+        try:
+            image = open_image(value, max_pixels=self.settings.max_image_pixels, name=name, keep_alpha=True)
+        except StudioInputError as error:
+            if isinstance(value, str):  # name the upload, not the server's temp path
+                raise StudioInputError(str(error).replace(repr(value), repr(Path(value).name))) from None
+            raise
+        image = _opaque(image)
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        data = buffer.getvalue()
+        path = self.outputs / "inputs" / f"{sha256_bytes(data)[:20]}.png"
+        self.prune_inputs()
+        if not path.exists():
+            atomic_write_new(path, data)
+        return str(path)
+
+    def prune_inputs(self, now: float | None = None) -> int:
+        """Delete stored inputs older than INPUT_MAX_AGE (at most once an hour); returns how many."""
+        now = time.time() if now is None else now
+        if now - self.last_prune < 3600:
+            return 0
+        self.last_prune = now
+        removed = 0
+        for old in (self.outputs / "inputs").glob("*.png"):
+            try:
+                if now - old.stat().st_mtime > INPUT_MAX_AGE:
+                    old.unlink()
+                    removed += 1
+            except OSError:
+                continue
+        return removed
+
+    def inside_outputs(self, path) -> Path | None:
+        """The path if it is an existing file inside the outputs folder (symlinks resolved), else None."""
+        if not path or not isinstance(path, str):
+            return None
+        try:
+            resolved = Path(path).resolve()
+        except (OSError, RuntimeError):
+            return None
+        if resolved.is_file() and self.outputs in resolved.parents:
+            return resolved
+        return None
+
+    # -- running --------------------------------------------------------------------------------
+
+    def output_target(self, task: str) -> str:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return str(self.outputs / f"{stamp}-{task}-{secrets.token_hex(3)}-{{index}}-{{seed}}.png")
+
+    def stream(self, task: str, fields: dict, session: str, progress: gr.Progress):
+        """Build the request, run it on the device, save the PNGs; returns (paths, result).
+
+        A generator: while the job samples in a worker thread it yields live previews (PIL images,
+        at most every PREVIEW_SECONDS) and reports steps to `progress`, both from this thread,
+        the one gradio gave the event. Closing the generator (the browser went away) cancels the job.
+        """
+        request = self.studio.tasks.make_request(task, **fields)  # StudioInputError names the bad field and value
+        cancel = threading.Event()
+        self.jobs[session] = cancel
+        events: queue.Queue = queue.Queue()
+        outcome: dict = {}
+        last_preview = [0.0]
+
+        def on_update(stage, step, total, preview=None):
+            events.put(("progress", (step, total), stage.replace("_", " ")))
+            if preview is not None and time.monotonic() - last_preview[0] >= PREVIEW_SECONDS:
+                last_preview[0] = time.monotonic()
+                image = preview()
+                if image is not None:
+                    events.put(("preview", image, None))
+
+        def work():
+            try:
+                events.put(("progress", 0, "waiting for the device"))
+                with self.device_lock:
+                    quiet_libraries()
+                    events.put(("progress", 0, "starting (the first run loads the model)"))
+                    result = self.studio.run(request, SessionProgress(on_update, cancel))
+                outcome["value"] = result.save(self.output_target(task), overwrite=False), result
+            except BaseException as error:  # re-raised in the event's thread below
+                outcome["error"] = error
+            finally:
+                events.put(None)
+
+        worker = threading.Thread(target=work, name=f"studio-{task}", daemon=True)
+        worker.start()
+        try:
+            while (event := events.get()) is not None:
+                kind, value, desc = event
+                if kind == "preview":
+                    yield value
+                else:
+                    progress(value, desc=desc, unit="steps")
+        finally:
+            if worker.is_alive():
+                cancel.set()
+            self.jobs.pop(session, None)
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
+
+    def cancel(self, session: str) -> bool:
+        flag = self.jobs.get(session)
+        if flag is None:
+            return False
+        flag.set()
+        return True
+
+    def preload(self) -> None:
+        """Load the default model in the background so the first request does not wait for it."""
+        started = time.perf_counter()
+        try:
+            with self.device_lock:
+                quiet_libraries()
+                loaded = self.studio.models.get(None)
+            self.preload_seconds = time.perf_counter() - started
+            log.info("model %s loaded on %s in %.1f s", loaded.ref.name, loaded.device, self.preload_seconds)
+        except Exception as error:  # shown in the Models tab; the UI still works (other models)
+            self.preload_error = str(error)
+            log.warning("could not preload the model: %s", error)
+
+    # -- settings -------------------------------------------------------------------------------
+
+    def offered_models(self) -> set[str]:
+        """The model references this server lists (the Models tab's choices)."""
+        from studio.models import list_local_models
+
+        return {self.settings.model, *(entry["reference"] for entry in list_local_models(self.settings))}
+
+    def swap_settings(self, **changes) -> None:
+        """New settings take effect through a fresh Studio (the old models are freed first)."""
+        from studio.core import Studio
+
+        settings = self.settings.with_(**changes)
+        with self.device_lock:
+            self.studio.models.clear()
+            self.studio = Studio(settings)
+            self.settings = settings
+
+
+def _opaque(image: Image.Image) -> Image.Image:
+    """RGBA whose alpha is fully opaque -> RGB (the editor exports every image as RGBA)."""
+    if image.mode == "RGBA" and image.getchannel("A").getextrema() == (255, 255):
+        return image.convert("RGB")
+    return image
+
+
+def session_key(request: gr.Request | None) -> str:
+    """The browser session (or API client) a request comes from: whose job a Cancel stops."""
+    return getattr(request, "session_hash", None) or "no-session"
+
+
+def friendly(error: Exception) -> gr.Error:
+    """A readable one-line message for the browser, never a stack trace."""
+    if isinstance(error, StudioInputError):
+        return gr.Error(str(error), title="Check the input", print_exception=False)
+    if isinstance(error, (RuntimeError, ValueError, OSError)):
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if "out of memory" in message.lower():
+            message += " — try a smaller size or batch, or enable memory options in Models and settings"
+        log.warning("render failed: %s", message)
+        return gr.Error(message, title="Could not render", print_exception=False)
+    log.exception("unexpected error")
+    return gr.Error(f"{type(error).__name__}: {error}", title="Unexpected error")
+
+
+def add_history(new: list, history) -> list:
+    """A session's history gallery with `new` images first, at most HISTORY_LIMIT."""
+    return (list(new) + list(history or []))[:HISTORY_LIMIT]

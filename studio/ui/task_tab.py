@@ -1,0 +1,360 @@
+"""One generation tab per registered task: its widgets from the request schema, its API endpoint, its events."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import gradio as gr
+from PIL import Image
+
+from studio.progress import GenerationCancelled, JobTimedOut
+from studio.requests import (
+    MAX_BATCH_SIZE,
+    SCHEDULER_NAMES,
+    BaseRequest,
+    StudioInputError,
+)
+
+from .runner import StudioUI, add_history, friendly, session_key
+from .widgets import (
+    FieldNumber,
+    FieldSlider,
+    checked_editor,
+    editor_background,
+    editor_composite,
+    editor_mask,
+    field_bounds,
+    field_component,
+    field_label,
+    request_value,
+    uploaded_file,
+)
+
+DEFAULT_SCHEDULER = "model default"
+# Brush colours: the toy world's palette (the embedded model knows these) plus black, white and grey.
+SKETCH_COLORS = ["#000000", "#ffffff", "#808080", "#dc1e1e", "#fa8700", "#f0dc00", "#1ea53c", "#285ae1", "#912dc8"]
+MASK_COLOR = ("#ff00ff", 0.6)
+
+
+class TaskTab:
+    """One generation tab: its widgets by request field, and how widget values become fields."""
+
+    def __init__(self, spec):
+        self.spec = spec  # the studio.tasks.Task this tab runs
+        self.task = spec.name
+        self.request_type = spec.request_type
+        self.inputs: dict[str, gr.components.Component] = {}  # request field -> widget (the API's parameters)
+        self.image_inputs: dict[str, str] = {}  # image field -> widget kind: "file", "editor" or "sketch"
+        self.run_event = None
+        self.cancel_button = None
+        self.status = None
+
+    def extra_fields(self) -> list[str]:
+        return [
+            name
+            for name in self.request_type.model_fields
+            if name not in BaseRequest.model_fields and name not in self.spec.image_fields and name != "task"
+        ]
+
+    def fields(self, values: dict, ui: StudioUI) -> dict:
+        """Request fields from widget values (input images checked and stored as PNGs first)."""
+        fields = {}
+        for name, value in values.items():
+            if name in self.image_inputs:
+                continue
+            if name == "scheduler" and value in (None, "", DEFAULT_SCHEDULER):
+                value = None
+            if name == "seed":
+                value = None if value is None or value == -1 else int(value)
+            if name in ("width", "height") and value == 0:
+                value = None  # the model's own size
+            fields[name] = request_value(self.request_type, name, value)
+        for name, kind in self.image_inputs.items():
+            value = values.get(name)
+            if kind == "editor":
+                if "mask_image" in self.request_type.model_fields:
+                    # The strokes painted on the editor's layer are the mask, unless one is uploaded.
+                    if values.get("mask_image") is None:
+                        fields["mask_image"] = ui.stage_image(editor_mask(value), "mask_image")
+                value = editor_background(value)
+            elif kind == "sketch":
+                value = editor_composite(value)  # as drawn; the pipeline flattens it and reads its polarity
+            staged = ui.stage_image(value, name)
+            if staged is not None or name not in fields:
+                fields[name] = staged
+        missing = [name for name in self.spec.required_images if fields.get(name) is None]
+        if missing:
+            raise StudioInputError(f"add an image for {', '.join(missing)} first")
+        return fields
+
+
+def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
+    """The tab's widgets and events; its run event is the API endpoint `/<task>`."""
+    task = tab.task
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=5):
+            _image_widgets(tab, ui.settings.max_image_pixels)
+            tab.inputs["prompt"] = gr.Textbox(
+                label=tab.spec.prompt_label,
+                placeholder=tab.spec.prompt_placeholder,
+                lines=2,
+                max_lines=6,
+                elem_id=f"{task}-prompt",
+            )
+            tab.inputs["negative_prompt"] = gr.Textbox(
+                label="negative prompt", lines=1, max_lines=4, elem_id=f"{task}-negative_prompt"
+            )
+            promoted = tab.spec.main_fields
+            extras = tab.extra_fields()
+            if any(name in promoted for name in extras):
+                with gr.Row():
+                    for name in extras:
+                        if name in promoted:
+                            tab.inputs[name] = field_component(tab.request_type, name)
+            with gr.Row():
+                run_button = gr.Button(
+                    tab.spec.run_label, variant="primary", scale=3, elem_id=f"{task}-run"
+                )
+                tab.cancel_button = gr.Button("Cancel", variant="stop", scale=1, elem_id=f"{task}-cancel")
+            with gr.Accordion("Settings", open=not tab.spec.image_fields, elem_id=f"{task}-settings"):
+                _common_controls(tab)
+            others = [name for name in extras if name not in promoted]
+            if others:
+                with gr.Accordion("Task options", open=False, elem_id=f"{task}-options"):
+                    for name in others:
+                        tab.inputs[name] = field_component(tab.request_type, name)
+        with gr.Column(scale=4):
+            gallery = gr.Gallery(
+                label="result",
+                columns=2,
+                height=460,
+                format="png",
+                type="filepath",
+                object_fit="contain",
+                interactive=False,
+                buttons=["download", "fullscreen"],
+                elem_id=f"{task}-gallery",
+            )
+            seed_used = gr.Textbox(label="seed used", interactive=False, elem_id=f"{task}-seed-used")
+            tab.status = gr.Markdown("", label="status", elem_classes="studio-status", elem_id=f"{task}-status")
+    last_fields = gr.State(None)  # the last successful run's values (for the task's rerender_fields)
+    parameters = list(tab.inputs)
+
+    def body(values: dict, hist, request, progress):
+        try:
+            fields = tab.fields(values, ui)
+            paths, result = yield from _show_previews(ui.stream(task, fields, session_key(request), progress))
+        except JobTimedOut as error:
+            raise gr.Error(str(error), title="Stopped", print_exception=False) from None
+        except GenerationCancelled:
+            gr.Warning("Cancelled; nothing was finished, so nothing was saved.")
+            yield [], gr.skip(), "Cancelled.", gr.skip(), gr.skip()  # no half-sampled preview left as a result
+            return
+        except gr.Error:
+            raise
+        except Exception as error:
+            raise friendly(error) from None
+        captions = [f"seed {seed}" for seed in result.seeds]
+        status = f"Saved {len(paths)} image{'s' if len(paths) > 1 else ''} in {result.seconds:.1f} s: " + ", ".join(
+            f"`{Path(p).name}`" for p in paths
+        )
+        for warning in result.warnings:
+            status += f"\n\n⚠️ {warning}"
+            gr.Warning(warning)
+        kept = {**values, "seed": result.seeds[0]}
+        yield (
+            [(str(path), caption) for path, caption in zip(paths, captions)],
+            ", ".join(str(seed) for seed in result.seeds),
+            status,
+            add_history([(str(p), f"{tab.spec.command} · {c}") for p, c in zip(paths, captions)], hist),
+            kept,
+        )
+
+    doc = (
+        f"{tab.spec.title}: {tab.spec.summary}; a `{task}` request from these fields, run on the device. "
+        "Returns the PNGs (metadata intact), the seeds used and a status line."
+    )
+    outputs = [gallery, seed_used, tab.status, history, last_fields]
+    tab.run_event = gr.on(
+        [run_button.click, tab.inputs["prompt"].submit],
+        with_signature(task, parameters, doc, body),
+        inputs=[tab.inputs[name] for name in parameters] + [history],
+        outputs=outputs,
+        api_name=task,
+        concurrency_id="device",
+        concurrency_limit=1,
+        show_progress_on=[gallery],
+    )
+    tab.random_seed.click(lambda: -1, None, tab.inputs["seed"], queue=False, api_visibility="private")
+    tab.reuse_seed.click(
+        lambda text: int(text.split(",")[0]) if text else -1,
+        seed_used,
+        tab.inputs["seed"],
+        queue=False,
+        api_visibility="private",
+    )
+    tab.extra_events = []
+    for name in tab.spec.rerender_fields:
+        # Moving the field re-renders the last run from its cached work (Imagic's fine-tune for η):
+        # same image, text and seed; only this field changes.
+        def rerender(last, value, hist, request: gr.Request, progress=gr.Progress(), name=name):
+            if not last:
+                yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                return
+            yield from body({**last, name: value}, hist, request, progress)
+
+        tab.extra_events.append(
+            tab.inputs[name].release(
+                rerender,
+                [last_fields, tab.inputs[name], history],
+                outputs,
+                api_visibility="private",
+                concurrency_id="device",
+                concurrency_limit=1,
+                show_progress_on=[gallery],
+            )
+        )
+
+
+def _common_controls(tab: TaskTab) -> None:
+    fields = tab.request_type.model_fields
+    with gr.Row(equal_height=False):
+        tab.inputs["seed"] = FieldNumber(
+            label="seed",
+            value=-1,
+            precision=0,
+            info="-1: random (the seed used is shown)",
+            scale=4,
+            elem_id=f"{tab.task}-seed",
+        )
+        with gr.Column(scale=1, min_width=110):
+            tab.random_seed = gr.Button("random", size="sm")
+            tab.reuse_seed = gr.Button("reuse last", size="sm")
+    with gr.Row():
+        tab.inputs["width"] = FieldNumber(
+            label="width", value=None, precision=0, info="0: the model's size", elem_id=f"{tab.task}-width"
+        )
+        tab.inputs["height"] = FieldNumber(
+            label="height", value=None, precision=0, info="a multiple of 8", elem_id=f"{tab.task}-height"
+        )
+    with gr.Row():
+        low, high = field_bounds(fields["num_inference_steps"])
+        tab.inputs["num_inference_steps"] = FieldSlider(
+            low or 1,
+            high or 500,
+            value=fields["num_inference_steps"].default,
+            step=1,
+            label="num inference steps",
+            elem_id=f"{tab.task}-num_inference_steps",
+        )
+        low, high = field_bounds(fields["guidance_scale"])
+        tab.inputs["guidance_scale"] = FieldSlider(
+            low or 0,
+            high or 50,
+            value=fields["guidance_scale"].default,
+            step=0.5,
+            label="guidance scale",
+            elem_id=f"{tab.task}-guidance_scale",
+        )
+    with gr.Row():
+        tab.inputs["scheduler"] = gr.Dropdown(
+            [DEFAULT_SCHEDULER, *SCHEDULER_NAMES],
+            value=DEFAULT_SCHEDULER,
+            label="scheduler",
+            elem_id=f"{tab.task}-scheduler",
+        )
+        tab.inputs["batch_size"] = FieldSlider(
+            1, MAX_BATCH_SIZE, value=1, step=1, label="batch size", elem_id=f"{tab.task}-batch_size"
+        )
+
+
+def _image_widgets(tab: TaskTab, max_pixels: int) -> None:
+    """The task's input images: drawn on or painted on (its `image_widgets`), else uploaded files.
+    Beside a painted image, the other images are optional uploads under an accordion (inpaint's mask)."""
+    spec = tab.spec
+    painted = [name for name in spec.image_fields if spec.image_widgets.get(name) in ("sketch", "editor")]
+    files = [name for name in spec.image_fields if name not in painted]
+    for name in painted:
+        tab.image_inputs[name] = spec.image_widgets[name]
+        tab.inputs[name] = checked_editor(_editor(tab, name), max_pixels)
+    if not files:
+        return
+    labels = [spec.image_labels.get(name, field_label(name)) for name in files]
+    with gr.Accordion(f"…or upload the {', '.join(labels)}", open=False) if painted else gr.Row():
+        for name, label in zip(files, labels):
+            tab.image_inputs[name] = "file"
+            tab.inputs[name] = uploaded_file(
+                gr.Image(
+                    label=label,
+                    type="filepath",
+                    image_mode=None,
+                    sources=("upload", "clipboard"),
+                    height=220 if painted else 300,
+                    elem_id=f"{spec.name}-{name}",
+                )
+            )
+
+
+def _editor(tab: TaskTab, name: str) -> gr.ImageEditor:
+    """A sketch canvas (white, palette brushes) or an image to paint a mask on (one mask colour, eraser)."""
+    sketch = tab.spec.image_widgets[name] == "sketch"
+    options = dict(
+        label=tab.spec.image_labels.get(name, field_label(name)),
+        type="pil",
+        image_mode="RGBA",
+        sources=("upload", "clipboard"),
+        transforms=(),
+        layers=False,
+        height=560,
+        elem_id=f"{tab.spec.name}-{name}",
+    )
+    if sketch:
+        return gr.ImageEditor(
+            value={"background": Image.new("RGB", (512, 512), "white"), "layers": [], "composite": None},
+            brush=gr.Brush(colors=SKETCH_COLORS, default_color="#000000", default_size=8, color_mode="defaults"),
+            canvas_size=(512, 512),
+            **options,
+        )
+    return gr.ImageEditor(
+        brush=gr.Brush(colors=[MASK_COLOR], default_color=MASK_COLOR, default_size=8, color_mode="fixed"),
+        eraser=gr.Eraser(default_size=8),
+        **options,
+    )
+
+
+def with_signature(name: str, parameters: list[str], doc: str, body):
+    """`body(values: dict, history, request, progress)` exposed to gradio as
+    `name(param1=None, ..., history=None, request=None, progress=gr.Progress())`.
+
+    Gradio names API parameters after the function's parameters, so clients call every task
+    with the request schema's field names (`client.predict(prompt=..., seed=..., api_name=...)`);
+    `history` is a gr.State, which the API neither shows nor asks for.
+    """
+
+    def function(*args):  # a generator, so gradio streams what body yields (live previews, then the result)
+        *values, history, request, progress = args
+        yield from body(dict(zip(parameters, values)), history, request, progress)
+
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    signature = [inspect.Parameter(p, kind, default=None) for p in [*parameters, "history"]]
+    signature.append(inspect.Parameter("request", kind, default=None, annotation=gr.Request))
+    signature.append(inspect.Parameter("progress", kind, default=gr.Progress()))
+    function.__signature__ = inspect.Signature(signature)
+    function.__annotations__ = {"request": gr.Request}
+    function.__name__ = function.__qualname__ = name
+    function.__doc__ = doc
+    return function
+
+
+def _show_previews(stream):
+    """Yield each preview image of a `StudioUI.stream` as a tab's outputs (only the gallery changes).
+
+    Returns what the stream returns: (paths, result).
+    """
+    while True:
+        try:
+            image = next(stream)
+        except StopIteration as done:
+            return done.value
+        yield [(image, "preview")], gr.skip(), gr.skip(), gr.skip(), gr.skip()
