@@ -1,5 +1,8 @@
-"""What every task module shares: the context it runs in, seeds, prompt checks, the output size check
-and safe decoding."""
+"""What every task shares when it runs: the context, seeds, the sampler, prompt checks, the output size
+check, encoding and safe decoding, the image-to-image pipeline.
+
+This half imports torch and diffusers, so task modules import it inside `prepare`/`run`, never at their
+top; the model-free half (sizes, transparency, input checks) is `toolbox`."""
 
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ from studio.progress import Progress
 from studio.requests import BaseRequest, StudioInputError
 from studio.schedulers import make_scheduler
 from studio.settings import Settings
+
+from .toolbox import native_side
 
 
 class NonFiniteOutputError(RuntimeError):
@@ -49,18 +54,20 @@ def sampling_kwargs(request: BaseRequest, seeds: list[int]) -> dict:
     )
 
 
-def with_scheduler(context: TaskContext, loaded: LoadedModel, pipe, scheduler_name: str | None):
-    """The pipeline with the requested sampler, as a new pipeline object: the cached one is never changed."""
+def fresh_scheduler(loaded: LoadedModel, name: str | None):
+    """The requested sampler (or, for None, a copy of the model's own) as a new object for one derived pipeline."""
+    if name is not None:
+        return make_scheduler(name, loaded.pipe.scheduler.config)
+    return type(loaded.pipe.scheduler).from_config(loaded.pipe.scheduler.config)
+
+
+def with_scheduler(context: TaskContext, loaded: LoadedModel, pipe, scheduler_name: str | None, **components):
+    """The pipeline with the requested sampler, as a new pipeline object (with `components`, as `pipe` has
+    them): the cached one is never changed. None: `pipe` itself, sharing the model's sampler."""
     if scheduler_name is None:
         return pipe
-    scheduler = make_scheduler(scheduler_name, loaded.pipe.scheduler.config)
-    return context.models.derive(loaded, type(pipe), scheduler=scheduler)
-
-
-def default_size(pipe, request: BaseRequest) -> tuple[int, int]:
-    """The request's size, or the model's native one."""
-    native = native_side(pipe)
-    return request.width or native, request.height or native
+    scheduler = fresh_scheduler(loaded, scheduler_name)
+    return context.models.derive(loaded, type(pipe), scheduler=scheduler, **components)
 
 
 def check_output_size(request: BaseRequest, context: TaskContext) -> None:
@@ -109,10 +116,6 @@ def planned_size(request: BaseRequest, images: dict, native: int | None) -> tupl
     return width, height
 
 
-def native_side(pipe) -> int:
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
-
-
 def _loaded_model(models: ModelManager, reference: str | None) -> LoadedModel | None:
     try:
         ref = resolve_model_ref(reference, models.settings)
@@ -156,6 +159,35 @@ def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
         std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
         return latents * std / vae.config.scaling_factor + mean
     return latents / vae.config.scaling_factor
+
+
+def scale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """The VAE's latent scaling (inverse of unscale_latents)."""
+    mean = getattr(vae.config, "latents_mean", None)
+    std = getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+        return (latents - mean) * vae.config.scaling_factor / std
+    return latents * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def encode_image(pipe, image) -> torch.Tensor:
+    """Scaled latents (mean of the posterior) of a PIL image already at its working size, in float32."""
+    pixels = pipe.image_processor.preprocess(image)  # (1, 3, H, W) in [-1, 1]
+    vae = pipe.vae
+    latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.mean
+    if not torch.isfinite(latents).all() and vae.dtype != torch.float32:
+        original = vae.dtype
+        vae.to(torch.float32)  # fp16 overflow (SDXL's VAE): retry in fp32, then put the shared VAE back
+        try:
+            latents = vae.encode(pixels.to(vae.device, torch.float32)).latent_dist.mean
+        finally:
+            vae.to(original)
+    if not torch.isfinite(latents).all():
+        raise StudioInputError("the VAE could not encode the input image (NaN/inf latents)")
+    return scale_latents(vae, latents.float())
 
 
 # One image above this many pixels is decoded in tiles of the VAE's own size: bounded memory, and a cancel
@@ -223,3 +255,39 @@ def to_pil(images: torch.Tensor) -> list:
 
     arrays = (images.permute(0, 2, 3, 1).numpy() * 255).round().astype("uint8")
     return [Image.fromarray(array) for array in arrays]
+
+
+# -- image to image --------------------------------------------------------------------------------------
+
+
+def image_to_image_class(pipe):
+    """The image-to-image pipeline class matching a text-to-image pipeline (SD -> SD img2img, SDXL -> SDXL img2img)."""
+    import diffusers
+
+    common = {  # the usual cases, without importing every pipeline (auto_pipeline takes seconds to import)
+        "StableDiffusionPipeline": "StableDiffusionImg2ImgPipeline",
+        "StableDiffusionImg2ImgPipeline": "StableDiffusionImg2ImgPipeline",
+        "StableDiffusionXLPipeline": "StableDiffusionXLImg2ImgPipeline",
+        "StableDiffusionXLImg2ImgPipeline": "StableDiffusionXLImg2ImgPipeline",
+    }
+    if type(pipe).__name__ in common:
+        return getattr(diffusers, common[type(pipe).__name__])
+    from diffusers.pipelines.auto_pipeline import (
+        AUTO_IMAGE2IMAGE_PIPELINES_MAPPING,
+        _get_task_class,
+    )
+
+    try:
+        return _get_task_class(AUTO_IMAGE2IMAGE_PIPELINES_MAPPING, type(pipe).__name__)
+    except ValueError:
+        raise StudioInputError(f"the model's pipeline {type(pipe).__name__} has no image-to-image variant") from None
+
+
+def check_standard_unet(loaded: LoadedModel, task: str) -> None:
+    """Refuse UNets that take more than the latents (inpainting models take mask + masked image too)."""
+    channels = loaded.pipe.unet.config.in_channels
+    if channels != loaded.pipe.vae.config.latent_channels:
+        raise StudioInputError(
+            f"{task} needs a text-to-image model; {loaded.ref.name!r} has a {channels}-channel UNet "
+            "(an inpainting model?)"
+        )

@@ -21,31 +21,19 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from studio.images import image_sha256
 from studio.requests import BaseRequest, ImageInput, StudioInputError, image_field
 from studio.tasks import Task
 
-from .common import (
-    TaskContext,
-    decode_latents,
-    sampling_kwargs,
-    to_pil,
-    warn_if_truncated,
-)
-from .style_transfer import (
-    check_min_side,
-    check_standard_unet,
-    encode_image,
-    fresh_scheduler,
-    rgb,
-    working_size,
-)
+from .toolbox import check_min_side, check_task, flatten, working_size
+
+if TYPE_CHECKING:
+    from .common import TaskContext
+    from .finetune import Trainer
 
 
 class ImagicRequest(BaseRequest):
@@ -67,13 +55,11 @@ FULL_FINETUNE_LR = 2e-6  # the community script's, for SD-sized UNets (860M para
 SMALL_UNET_FINETUNE_LR = 1e-4  # a UNet under SMALL_UNET_PARAMETERS barely moves at 2e-6 in 1000 steps
 SMALL_UNET_PARAMETERS = 100_000_000  # (the embedded model's has 4M)
 LORA_FINETUNE_LR = 1e-4
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 def check_inputs(request: ImagicRequest, context: TaskContext) -> None:
     """Checks the schema cannot express; runs before any model is loaded."""
-    if request.task != "imagic":
-        raise StudioInputError(f"imagic cannot run a {request.task!r} request")
+    check_task(request, "imagic")
     if not request.prompt.strip():
         raise StudioInputError("imagic needs a prompt: the text describing the edited image (e.g. 'a blue circle')")
     check_min_side(context.images.get("image"), "image")
@@ -155,129 +141,13 @@ def cache_key(request: ImagicRequest, loaded, image, size, seed: int) -> tuple:
     )
 
 
-# --------------------------------------------------------------------------- UNet clones and LoRA
-
-
-def clone_unet(unet, *, share_weights: bool, dtype: torch.dtype | None = None):
-    """A UNet of the same architecture and weights, without the original's hooks or flags.
-
-    share_weights=True: the clone's parameters are new Parameter objects over the original's storage
-    (no memory; for frozen use). False: an independent copy (in `dtype`), for full fine-tuning.
-    """
-    state = unet.state_dict()
-    if any(tensor.is_meta for tensor in state.values()):
-        raise StudioInputError("imagic cannot fine-tune a model loaded with sequential offload; use offload 'none'")
-    if not share_weights:
-        state = {name: tensor.detach().to(dtype=dtype or tensor.dtype, copy=True) for name, tensor in state.items()}
-    with torch.device("meta"):
-        clone = type(unet).from_config(unet.config)
-    clone.load_state_dict(state, assign=True, strict=True)
-    if any(tensor.is_meta for tensor in list(clone.parameters()) + list(clone.buffers())):
-        raise RuntimeError("could not clone the UNet (it has tensors outside its state dict)")
-    clone.set_attn_processor(dict(unet.attn_processors))
-    clone.requires_grad_(False)
-    return clone.eval()
-
-
-class LoRALinear(torch.nn.Module):
-    """base(x) + up(down(x)): a rank-r update of a frozen linear layer, trained in float32."""
-
-    def __init__(self, base: torch.nn.Linear, rank: int, generator: torch.Generator):
-        super().__init__()
-        self.base = base
-        down = torch.randn(rank, base.in_features, generator=generator) / rank  # diffusers' LoRA init
-        self.down = torch.nn.Parameter(down.to(base.weight.device))
-        self.up = torch.nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-
-    def forward(self, hidden_states, *args, **kwargs):
-        update = F.linear(F.linear(hidden_states.to(self.down.dtype), self.down), self.up)
-        return self.base(hidden_states) + update.to(hidden_states.dtype)
-
-
-def add_lora(unet, rank: int, generator: torch.Generator) -> list[torch.nn.Parameter]:
-    """Wrap the attention projections of a (cloned) UNet with LoRA layers; returns the trainable parameters."""
-    from diffusers.models.attention_processor import Attention
-
-    params = []
-    for module in [m for m in unet.modules() if isinstance(m, Attention)]:
-        for target in LORA_TARGETS:
-            if target == "to_out.0":
-                parent, name = module.to_out, "0"
-                base = module.to_out[0]
-            else:
-                parent, name = module, target
-                base = getattr(module, target, None)
-            if not isinstance(base, torch.nn.Linear):
-                continue
-            lora = LoRALinear(base, rank, generator)
-            if name == "0":
-                parent[0] = lora
-            else:
-                setattr(parent, name, lora)
-            params += [lora.down, lora.up]
-    return params
-
-
-# --------------------------------------------------------------------------- the diffusion loss
-
-
-@dataclass
-class Trainer:
-    """The standard denoising loss on one image, with all randomness from one seeded CPU generator."""
-
-    latents: torch.Tensor  # the input image's scaled latents (1, C, h, w), float32
-    noise_scheduler: object  # a DDPMScheduler with the model's training schedule
-    generator: torch.Generator
-    added_cond: dict | None = None  # SDXL: time_ids (text_embeds come with the embedding)
-
-    def loss(self, unet, embeds: dict) -> torch.Tensor:
-        device, dtype = unet.device, unet.dtype
-        noise = torch.randn(self.latents.shape, generator=self.generator)
-        timestep = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (1,), generator=self.generator)
-        latents = self.latents.cpu()
-        noisy = self.noise_scheduler.add_noise(latents, noise, timestep)
-        prediction_type = self.noise_scheduler.config.prediction_type
-        if prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timestep)
-        elif prediction_type == "sample":
-            target = latents
-        else:
-            target = noise
-        added = None
-        if "pooled_prompt_embeds" in embeds:
-            added = {
-                "text_embeds": embeds["pooled_prompt_embeds"].to(device, dtype),
-                "time_ids": self.added_cond["time_ids"].to(device, dtype),
-            }
-        prediction = unet(
-            noisy.to(device, dtype),
-            timestep.to(device),
-            encoder_hidden_states=embeds["prompt_embeds"].to(device, dtype),
-            added_cond_kwargs=added,
-            return_dict=False,
-        )[0]
-        return F.mse_loss(prediction.float(), target.to(device).float())
-
-
-def fit(loss_of, params: list, lr: float, total: int, stage: str, progress) -> None:
-    """`total` Adam steps on `params` alone, reporting each step and stopping after a cancel.
-
-    Gradients come from autograd.grad for `params` only, so no .grad lands on a shared model;
-    a parameter the loss does not reach (an unused layer) gets none and is left as it is.
-    """
-    optimiser = torch.optim.Adam(params, lr=lr)
-    for step in range(total):
-        grads = torch.autograd.grad(loss_of(), params, allow_unused=True)
-        for param, grad in zip(params, grads):
-            param.grad = grad
-        optimiser.step()
-        optimiser.zero_grad(set_to_none=True)
-        progress.update(stage, step + 1, total)
-        progress.raise_if_cancelled()
+# --------------------------------------------------------------------------- stages 1-2 (torch, from .finetune)
 
 
 def optimise_embedding(unet, trainer: Trainer, target: dict, request: ImagicRequest, progress) -> dict:
     """Stage 1: the embedding that reconstructs the image, the (shared, frozen) model untouched."""
+    from .finetune import fit
+
     embeds = {name: tensor.detach().float().clone().requires_grad_(True) for name, tensor in target.items()}
     params = list(embeds.values())
     stage = "imagic: embedding"
@@ -287,6 +157,10 @@ def optimise_embedding(unet, trainer: Trainer, target: dict, request: ImagicRequ
 
 def finetune(loaded, trainer: Trainer, optimised: dict, request: ImagicRequest, progress):
     """Stage 2: the model fitted to (image, optimised embedding), as a new UNet; the shared one is untouched."""
+    import torch
+
+    from .finetune import add_lora, clone_unet, fit
+
     base = loaded.pipe.unet
     if request.use_lora:
         unet = clone_unet(base, share_weights=True)
@@ -307,28 +181,13 @@ def finetune(loaded, trainer: Trainer, optimised: dict, request: ImagicRequest, 
     return unet
 
 
-# --------------------------------------------------------------------------- the task
-
-
-def encode_target(pipe, prompt: str, device) -> dict:
-    """The prompt's text embedding(s) as the UNet takes them (SDXL: with the pooled embedding)."""
-    with torch.no_grad():
-        encoded = pipe.encode_prompt(
-            prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False
-        )
-    if len(encoded) == 4:  # SDXL: prompt, negative, pooled, negative pooled
-        return {"prompt_embeds": encoded[0], "pooled_prompt_embeds": encoded[2]}
-    return {"prompt_embeds": encoded[0]}
-
-
-def sdxl_time_ids(pipe, width: int, height: int):
-    projection = pipe.text_encoder_2.config.projection_dim
-    return pipe._get_add_time_ids((height, width), (0, 0), (height, width), torch.float32, text_encoder_projection_dim=projection)
-
-
 def train(loaded, request: ImagicRequest, image, target: dict, seed: int, progress) -> TrainedState:
     """Stages 1 and 2, seeded."""
+    import torch
     from diffusers import DDPMScheduler
+
+    from .common import encode_image
+    from .finetune import Trainer, sdxl_time_ids
 
     pipe = loaded.pipe
     generator = torch.Generator("cpu").manual_seed(seed)
@@ -340,13 +199,26 @@ def train(loaded, request: ImagicRequest, image, target: dict, seed: int, progre
     return TrainedState(optimised, unet)
 
 
+# --------------------------------------------------------------------------- the task
+
+
 def run(request: ImagicRequest, context: TaskContext, seeds: list[int], plan=None) -> list:
     """Edit the input image `len(seeds)` times; returns PIL images in seed order."""
+    from .common import (
+        check_standard_unet,
+        decode_latents,
+        fresh_scheduler,
+        sampling_kwargs,
+        to_pil,
+        warn_if_truncated,
+    )
+    from .finetune import encode_target
+
     # 1. load the model (cached); the input image at the working size
     loaded = context.models.get(request.model)
     check_standard_unet(loaded, "imagic")
     base = loaded.pipe
-    image = rgb(context.images["image"])
+    image = flatten(context.images["image"])
     width, height = working_size(base, request, image)
     image = image.resize((width, height), resample=3)
     warn_if_truncated(base, request.prompt, context)

@@ -29,7 +29,7 @@ original latents outside the mask at every step and blends them in, "latent blen
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from PIL import Image
@@ -39,15 +39,19 @@ from studio.requests import BaseRequest, ImageInput, StudioInputError, image_fie
 from studio.tasks import Task
 
 from . import masks
-from .common import (
-    TaskContext,
-    decode_latents,
-    default_size,
-    sampling_kwargs,
-    to_pil,
-    warn_if_truncated,
-    with_scheduler,
+from .toolbox import (
+    SOURCE,
+    check_strength_steps,
+    check_task,
+    effective_steps,
+    flatten,
+    has_transparency,
+    native_side,
+    output_size,
 )
+
+if TYPE_CHECKING:
+    from .common import TaskContext
 
 
 class InpaintRequest(BaseRequest):
@@ -97,7 +101,7 @@ def plan_inpaint(request: InpaintRequest, images: dict) -> InpaintPlan:
                 "they must be the same size"
             )
         mask = masks.mask_from_image(mask_image)
-    elif masks.has_transparency(image):
+    elif has_transparency(image):
         mask = masks.mask_from_transparency(image)
     elif outpainting:
         mask = np.zeros((image.height, image.width), dtype=bool)
@@ -108,13 +112,13 @@ def plan_inpaint(request: InpaintRequest, images: dict) -> InpaintPlan:
         )
     if not outpainting and not mask.any():
         source = mask_image if mask_image is not None else image
-        what = "fully transparent" if masks.has_transparency(source) else "all black"
+        what = "fully transparent" if has_transparency(source) else "all black"
         raise StudioInputError(f"the mask is empty ({what}): nothing to repaint")
 
     # 2. the working size: the image's, or width/height when given (not in only_masked mode)
-    canvas = masks.flatten(image)
-    if not request.only_masked and (request.width or request.height):
-        size = _requested_size(request, canvas.size)
+    canvas = flatten(image)
+    if not request.only_masked:
+        size = output_size(request, source=canvas.size, unset=SOURCE, min_side=8)
         if size != canvas.size:
             canvas = canvas.resize(size, Image.LANCZOS)
             mask = masks.resize_mask(mask, size)
@@ -140,24 +144,10 @@ def plan_inpaint(request: InpaintRequest, images: dict) -> InpaintPlan:
     return InpaintPlan(canvas=canvas, repaint=repaint, soft=soft, mask_fraction=mask_fraction)
 
 
-def _requested_size(request: InpaintRequest, size: tuple[int, int]) -> tuple[int, int]:
-    width, height = request.width, request.height
-    if width and height:
-        return width, height
-    if width:
-        return width, max(8, int(round(size[1] * width / size[0] / 8)) * 8)
-    return max(8, int(round(size[0] * height / size[1] / 8)) * 8), height
-
-
 def check_inputs(request: InpaintRequest, context: TaskContext) -> InpaintPlan:
     """Image/mask checks, before any model is loaded; returns the plan `run` follows."""
-    if request.task != "inpaint":
-        raise StudioInputError(f"inpaint cannot run a {request.task!r} request")
-    if int(request.num_inference_steps * request.strength) < 1:
-        raise StudioInputError(
-            f"strength {request.strength} x {request.num_inference_steps} steps leaves no denoising step; "
-            "raise strength or num_inference_steps"
-        )
+    check_task(request, "inpaint")
+    check_strength_steps(request)
     plan = plan_inpaint(request, context.images)
     if plan.mask_fraction >= 1.0:
         context.warnings.append("the mask covers the whole image: this is plain image-to-image")
@@ -177,6 +167,14 @@ def _pipeline_class(loaded):
 
 def run(request: InpaintRequest, context: TaskContext, seeds: list[int], plan=None) -> list:
     """Inpaint `len(seeds)` images; returns PIL images in seed order."""
+    from .common import (
+        decode_latents,
+        sampling_kwargs,
+        to_pil,
+        warn_if_truncated,
+        with_scheduler,
+    )
+
     # 1. the canvas and masks, as check_inputs planned them
     plan = plan or plan_inpaint(request, context.images)
     width, height = plan.canvas.size
@@ -191,7 +189,7 @@ def run(request: InpaintRequest, context: TaskContext, seeds: list[int], plan=No
 
     # 3. what the model sees: the box around the mask (only_masked) or the whole canvas padded to a multiple of 8
     if request.only_masked:
-        work_w, work_h = default_size(pipe, request)
+        work_w, work_h = output_size(request, native_side(pipe))
         box = masks.crop_box_for(plan.repaint, request.only_masked_padding, work_w / work_h, (width, height))
         model_image = plan.canvas.crop(box).resize((work_w, work_h), Image.LANCZOS)
         model_mask = masks.resize_mask(plan.repaint[box[1] : box[3], box[0] : box[2]], (work_w, work_h), any_pixel=True)
@@ -205,7 +203,7 @@ def run(request: InpaintRequest, context: TaskContext, seeds: list[int], plan=No
     model_mask = masks.latent_cells(model_mask, factor)
 
     # 4. sample, reporting each step and stopping after a cancel
-    steps = int(request.num_inference_steps * request.strength)
+    steps = effective_steps(request.num_inference_steps, request.strength)
     context.progress.raise_if_cancelled()
     output = pipe(
         prompt=request.prompt,

@@ -6,7 +6,7 @@ Conventions (the same for the CLI, batch lines, the UI and the Python API):
 - A mask image with transparency (RGBA whose alpha is not all 255), as browser editors export a paint
   layer: the painted area (alpha > 0) is repainted, whatever its colour; the transparent area is kept.
 - No mask image and an input image with transparency (erased with an eraser tool): the area that is not
-  fully opaque (alpha < 255) is repainted. The image itself is flattened onto white.
+  fully opaque (alpha < 255) is repainted. The image itself is flattened onto white (`toolbox.flatten`).
 - Outpainting: the added canvas is always repainted.
 
 Geometry is Chebyshev (square) distance throughout, so every radius is exact and cheap:
@@ -24,23 +24,12 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from .toolbox import flatten, has_transparency
+
 MASK_THRESHOLD = 128  # grey mask values >= this are "repaint"
 
 
 # -- reading masks ------------------------------------------------------------------------------------
-
-
-def has_transparency(image: Image.Image) -> bool:
-    """True for an RGBA image with at least one pixel that is not fully opaque."""
-    return image.mode == "RGBA" and int(np.asarray(image.getchannel("A")).min()) < 255
-
-
-def flatten(image: Image.Image, background=(255, 255, 255)) -> Image.Image:
-    """RGB: an RGBA image composited onto `background` (white by default); other modes converted."""
-    if image.mode != "RGBA":
-        return image.convert("RGB")
-    base = Image.new("RGBA", image.size, tuple(background) + (255,))
-    return Image.alpha_composite(base, image).convert("RGB")
 
 
 def mask_from_image(mask_image: Image.Image) -> np.ndarray:

@@ -28,25 +28,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from PIL import Image, ImageFilter
 from pydantic import Field
 
-from studio.models import resolve_model_ref
 from studio.progress import GenerationCancelled
 from studio.requests import BaseRequest, ImageInput, StudioInputError, image_field
-from studio.schedulers import make_scheduler
 from studio.tasks import Task
 
-from .common import (
-    TaskContext,
-    decode_latents,
-    sampling_kwargs,
-    to_pil,
-    warn_if_truncated,
+from .toolbox import (
+    BLACK,
+    NATIVE_AREA,
+    WHITE,
+    check_strength_steps,
+    check_task,
+    effective_steps,
+    flatten,
+    native_side,
 )
+from .toolbox import output_size as _output_size
+
+if TYPE_CHECKING:
+    from .common import TaskContext
 
 
 class SketchToImageRequest(BaseRequest):
@@ -84,16 +89,19 @@ COLOURED_SHARE = 0.1  # a sketch is coloured when this share of its ink is colou
 
 def flatten_sketch(sketch: Image.Image) -> Image.Image:
     """RGB: transparency composited onto white, or onto black when the painted strokes are light."""
+    return flatten(sketch, BLACK if _light_strokes(sketch) else WHITE)
+
+
+def _light_strokes(sketch: Image.Image) -> bool:
+    """True for a sketch with transparency whose painted (alpha-weighted) pixels are light on average."""
     if sketch.mode != "RGBA":
-        return sketch.convert("RGB")
+        return False
     rgba = np.asarray(sketch).astype(np.float64)
     alpha = rgba[..., 3] / 255.0
     if alpha.min() >= 1.0:
-        return sketch.convert("RGB")
+        return False  # nothing shows through: any background gives the same pixels
     grey = rgba[..., :3] @ np.array([0.299, 0.587, 0.114])
-    light_strokes = alpha.sum() > 0 and (grey * alpha).sum() / alpha.sum() >= 128
-    background = (0, 0, 0, 255) if light_strokes else (255, 255, 255, 255)
-    return Image.alpha_composite(Image.new("RGBA", sketch.size, background), sketch).convert("RGB")
+    return bool(alpha.sum() > 0 and (grey * alpha).sum() / alpha.sum() >= 128)
 
 
 def sketch_polarity(grey: np.ndarray) -> str:
@@ -144,16 +152,7 @@ def control_image(sketch: Image.Image, polarity: str, size: tuple[int, int], cha
 
 def output_size(request: SketchToImageRequest, native: int, sketch: Image.Image) -> tuple[int, int]:
     """width/height, else the native pixel count in the sketch's aspect ratio (multiples of 8)."""
-    aspect = sketch.width / sketch.height
-    if request.width and request.height:
-        return request.width, request.height
-    if request.width:
-        return request.width, max(64, int(round(request.width / aspect / 8)) * 8)
-    if request.height:
-        return max(64, int(round(request.height * aspect / 8)) * 8), request.height
-    width = int(round(native * aspect**0.5 / 8)) * 8
-    height = int(round(native / aspect**0.5 / 8)) * 8
-    return max(64, width), max(64, height)
+    return _output_size(request, native, sketch.size, unset=NATIVE_AREA, float_ratio=True)
 
 
 # -- choosing the method --------------------------------------------------------------------------------
@@ -199,6 +198,8 @@ def find_controlnet(request: SketchToImageRequest, context: TaskContext) -> Cond
             return Conditioner(
                 "controlnet", folder, _polarity_setting(context, "controlnet_sketch", LIGHT_ON_DARK), source
             )
+    from studio.models import resolve_model_ref
+
     ref = resolve_model_ref(request.model, context.settings)
     if ref.kind in ("embedded", "folder"):
         shipped = Path(ref.location) / "controlnet"
@@ -267,8 +268,7 @@ def choose_method(
 def check_inputs(request: SketchToImageRequest, context: TaskContext) -> tuple:
     """Checks before any model is loaded (the sketch is already opened in context.images); returns the
     (method, conditioner) that `run` uses."""
-    if request.task != "sketch_to_image":
-        raise StudioInputError(f"sketch_to_image cannot run a {request.task!r} request")
+    check_task(request, "sketch_to_image")
     if request.control_guidance_start >= request.control_guidance_end:
         raise StudioInputError(
             f"control_guidance_start ({request.control_guidance_start}) must be below "
@@ -278,11 +278,8 @@ def check_inputs(request: SketchToImageRequest, context: TaskContext) -> tuple:
     if not ink_map(sketch).any() and not is_coloured(sketch):
         context.warnings.append("the sketch is blank: nothing guides the layout")
     method, conditioner = choose_method(request, context, sketch)
-    if method == "sdedit" and int(request.num_inference_steps * request.strength) < 1:
-        raise StudioInputError(
-            f"strength {request.strength} x {request.num_inference_steps} steps leaves no denoising step; "
-            "raise strength or num_inference_steps"
-        )
+    if method == "sdedit":
+        check_strength_steps(request)
     return method, conditioner
 
 
@@ -290,6 +287,8 @@ def _derived(
     context: TaskContext, loaded, pipeline_class, scheduler_name: str | None, cache_key: str | None = None, **components
 ):
     """A pipeline of `pipeline_class` sharing the loaded weights, plus `components` (cached per key)."""
+    from .common import with_scheduler
+
     if components and cache_key:
         key = f"{pipeline_class.__name__}[{cache_key}]"
         pipe = loaded.derived.get(key)
@@ -299,10 +298,7 @@ def _derived(
         components = {name: getattr(pipe, name) for name in components}
     else:
         pipe = context.models.derive(loaded, pipeline_class, **components)
-    if scheduler_name is not None:
-        scheduler = make_scheduler(scheduler_name, loaded.pipe.scheduler.config)
-        pipe = context.models.derive(loaded, pipeline_class, scheduler=scheduler, **components)
-    return pipe
+    return with_scheduler(context, loaded, pipe, scheduler_name, **components)
 
 
 def _load_component(conditioner: Conditioner, loaded, context: TaskContext):
@@ -332,13 +328,14 @@ def run(request: SketchToImageRequest, context: TaskContext, seeds: list[int], p
     """Render `len(seeds)` images guided by the sketch; returns PIL images in seed order."""
     import diffusers
 
+    from .common import decode_latents, sampling_kwargs, to_pil, warn_if_truncated
+
     sketch = context.images["control_image"]
     # 1. load the model (cached) and choose the method
     loaded = context.models.get(request.model)
     method, conditioner = plan or choose_method(request, context, sketch)
     sdxl = loaded.is_sdxl
-    native = loaded.pipe.unet.config.sample_size * loaded.pipe.vae_scale_factor
-    width, height = output_size(request, native, sketch)
+    width, height = output_size(request, native_side(loaded.pipe), sketch)
     common = dict(
         prompt=request.prompt,
         **sampling_kwargs(request, seeds),
@@ -390,7 +387,7 @@ def run(request: SketchToImageRequest, context: TaskContext, seeds: list[int], p
             diffusers.StableDiffusionXLImg2ImgPipeline if sdxl else diffusers.StableDiffusionImg2ImgPipeline
         )
         pipe = _derived(context, loaded, pipeline_class, request.scheduler)
-        steps = int(request.num_inference_steps * request.strength)
+        steps = effective_steps(request.num_inference_steps, request.strength)
         kwargs = dict(
             image=flatten_sketch(sketch).resize((width, height), Image.LANCZOS),
             strength=request.strength,

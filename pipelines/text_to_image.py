@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from studio.requests import BaseRequest, StudioInputError
+from studio.requests import BaseRequest
 from studio.tasks import Task
 
-from .common import (
-    TaskContext,
-    decode_latents,
-    default_size,
-    sampling_kwargs,
-    to_pil,
-    warn_if_truncated,
-    with_scheduler,
-)
+from .toolbox import check_task, native_side, output_size
+
+if TYPE_CHECKING:
+    from .common import TaskContext
 
 
 class TextToImageRequest(BaseRequest):
@@ -27,16 +22,23 @@ def check_inputs(request: TextToImageRequest, context: TaskContext) -> None:
     if not request.prompt.strip() and request.guidance_scale > 1 and not request.negative_prompt.strip():
         # Legal (unconditional sampling), but almost always a mistake in a UI or batch line.
         context.warnings.append("the prompt is empty: the image is unconditioned")
-    if request.task != "text_to_image":
-        raise StudioInputError(f"text_to_image cannot run a {request.task!r} request")
+    check_task(request, "text_to_image")
 
 
 def run(request: TextToImageRequest, context: TaskContext, seeds: list[int], plan=None) -> list:
     """Render `len(seeds)` images for the request; returns PIL images in seed order."""
+    from .common import (
+        decode_latents,
+        sampling_kwargs,
+        to_pil,
+        warn_if_truncated,
+        with_scheduler,
+    )
+
     # 1. load the model (cached) and pick the sampler
     loaded = context.models.get(request.model)
     pipe = with_scheduler(context, loaded, loaded.pipe, request.scheduler)
-    width, height = default_size(pipe, request)
+    width, height = output_size(request, native_side(pipe))
 
     # 2. check the prompts against the tokenizer limit
     warn_if_truncated(pipe, request.prompt, context)

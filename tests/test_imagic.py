@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 from helpers import noise_image, pixels, unet_fingerprint
+from studio_pipelines.finetune import LoRALinear
 from studio_pipelines.imagic import (
     FULL_FINETUNE_LR,
     LORA_FINETUNE_LR,
     SMALL_UNET_FINETUNE_LR,
     ImagicRequest,
-    LoRALinear,
     finetune_lr,
     imagic_cache,
 )
