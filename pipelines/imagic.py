@@ -50,7 +50,6 @@ class ImagicRequest(BaseRequest):
     lora_rank: int = Field(4, ge=1, le=256, description="LoRA rank when use_lora is set.")
 
 CACHE_SIZE = 2  # trained states kept per loaded model
-CACHE_KEY = "imagic:cache"  # where the cache lives in LoadedModel.derived (cleared when the model is freed)
 FULL_FINETUNE_LR = 2e-6  # the community script's, for SD-sized UNets (860M parameters and up)
 SMALL_UNET_FINETUNE_LR = 1e-4  # a UNet under SMALL_UNET_PARAMETERS barely moves at 2e-6 in 1000 steps
 SMALL_UNET_PARAMETERS = 100_000_000  # (the embedded model's has 4M)
@@ -117,10 +116,7 @@ class ImagicCache:
 
 def imagic_cache(loaded) -> ImagicCache:
     """The trained-state cache of a loaded model (created on first use, freed with the model)."""
-    cache = loaded.derived.get(CACHE_KEY)
-    if cache is None:
-        cache = loaded.derived[CACHE_KEY] = ImagicCache()
-    return cache
+    return loaded.task_state.setdefault("imagic", ImagicCache())
 
 
 def cache_key(request: ImagicRequest, loaded, image, size, seed: int) -> tuple:

@@ -2,10 +2,10 @@
 
 Methods (`method`; "auto" picks the first that applies):
 1. "controlnet": any diffusers ControlNetModel folder. Looked up in this order: the request's
-   `controlnet` field, `Settings.extra["controlnet"]`, then the model folder's own `controlnet/`
+   `controlnet` field, the studio's default ControlNet (`--default-controlnet`), then the model folder's own `controlnet/`
    subfolder (the embedded model ships one, trained by studio/demo/train.py).
 2. "t2i_adapter": a diffusers T2IAdapter folder (sketch adapter), from the request's `t2i_adapter` field
-   or `Settings.extra["t2i_adapter"]`; StableDiffusion(XL)AdapterPipeline.
+   or the studio's default T2I-Adapter (`--default-t2i-adapter`); StableDiffusion(XL)AdapterPipeline.
 3. "sdedit": image-to-image from the sketch itself with `strength`; needs no extra weights.
 Under "auto" a coloured sketch goes through SDEdit (a ControlNet would drop its colours).
 
@@ -18,7 +18,7 @@ polarity the conditioning model was trained on:
   (`render_sketch(...).convert("L") / 255`);
 - other ControlNets and T2I sketch adapters: white strokes on black (the scribble/sketch convention of
   the public lllyasviel and TencentARC models).
-`Settings.extra["controlnet_sketch"]` / `Settings.extra["t2i_adapter_sketch"]` ("dark_on_light" or
+`Settings.add_ons.controlnet_sketch` / `Settings.add_ons.t2i_adapter_sketch` ("dark_on_light" or
 "light_on_dark") override these defaults.
 
 Size: `width`/`height`, else the model's native pixel count in the sketch's aspect ratio (multiples of 8).
@@ -67,13 +67,13 @@ class SketchToImageRequest(BaseRequest):
     controlnet: str | None = Field(
         None,
         max_length=4096,
-        description="A local diffusers ControlNet folder; None: Settings.extra['controlnet'], else the model's own "
+        description="A local diffusers ControlNet folder; None: the studio's --default-controlnet, else the model's own "
         "controlnet/ subfolder (the embedded model ships one).",
     )
     t2i_adapter: str | None = Field(
         None,
         max_length=4096,
-        description="A local diffusers T2I-Adapter (sketch) folder; None: Settings.extra['t2i_adapter'] if set.",
+        description="A local diffusers T2I-Adapter (sketch) folder; None: the studio's --default-t2i-adapter if set.",
     )
 
 DARK_ON_LIGHT = "dark_on_light"  # what a person draws with a pen on paper
@@ -180,9 +180,9 @@ def _check_folder(path: str, what: str, allow_pickle: bool) -> Path:
 
 
 def _polarity_setting(context: TaskContext, key: str, default: str) -> str:
-    value = context.settings.extra.get(key, default)
+    value = getattr(context.settings.add_ons, key) or default
     if value not in POLARITIES:
-        raise StudioInputError(f"Settings.extra[{key!r}] is {value!r}; use {' or '.join(POLARITIES)}")
+        raise StudioInputError(f"Settings.add_ons.{key} is {value!r}; use {' or '.join(POLARITIES)}")
     return value
 
 
@@ -191,7 +191,7 @@ def find_controlnet(request: SketchToImageRequest, context: TaskContext) -> Cond
     allow_pickle = context.settings.allow_pickle
     for path, source in (
         (request.controlnet, "the request's controlnet"),
-        (context.settings.extra.get("controlnet"), "Settings.extra['controlnet']"),
+        (context.settings.add_ons.controlnet, "the studio's --default-controlnet"),
     ):
         if path:
             folder = _check_folder(str(path), source, allow_pickle)
@@ -213,7 +213,7 @@ def find_controlnet(request: SketchToImageRequest, context: TaskContext) -> Cond
 def find_adapter(request: SketchToImageRequest, context: TaskContext) -> Conditioner | None:
     for path, source in (
         (request.t2i_adapter, "the request's t2i_adapter"),
-        (context.settings.extra.get("t2i_adapter"), "Settings.extra['t2i_adapter']"),
+        (context.settings.add_ons.t2i_adapter, "the studio's --default-t2i-adapter"),
     ):
         if path:
             folder = _check_folder(str(path), source, context.settings.allow_pickle)
@@ -234,7 +234,7 @@ def choose_method(
         if found is None:
             raise StudioInputError(
                 "method 'controlnet' needs a ControlNet: set the request's controlnet to a local folder, "
-                "Settings.extra['controlnet'], or use a model with a controlnet/ subfolder"
+                "start the studio with --default-controlnet FOLDER, or use a model with a controlnet/ subfolder"
             )
         return "controlnet", found
     if request.method == "t2i_adapter":
@@ -242,7 +242,7 @@ def choose_method(
         if found is None:
             raise StudioInputError(
                 "method 't2i_adapter' needs a T2I-Adapter: set the request's t2i_adapter to a local folder "
-                "or Settings.extra['t2i_adapter']"
+                "or start the studio with --default-t2i-adapter FOLDER"
             )
         return "t2i_adapter", found
     # auto
@@ -291,10 +291,10 @@ def _derived(
 
     if components and cache_key:
         key = f"{pipeline_class.__name__}[{cache_key}]"
-        pipe = loaded.derived.get(key)
+        pipe = loaded.pipelines.get(key)
         if pipe is None:
             pipe = context.models.derive(loaded, pipeline_class, **components)
-            loaded.derived[key] = pipe
+            loaded.pipelines[key] = pipe
         components = {name: getattr(pipe, name) for name in components}
     else:
         pipe = context.models.derive(loaded, pipeline_class, **components)
@@ -346,7 +346,7 @@ def run(request: SketchToImageRequest, context: TaskContext, seeds: list[int], p
         pipeline_class = (
             diffusers.StableDiffusionXLControlNetPipeline if sdxl else diffusers.StableDiffusionControlNetPipeline
         )
-        cached = loaded.derived.get(f"{pipeline_class.__name__}[{conditioner.folder}]")
+        cached = loaded.pipelines.get(f"{pipeline_class.__name__}[{conditioner.folder}]")
         controlnet = cached.controlnet if cached is not None else _load_component(conditioner, loaded, context)
         pipe = _derived(
             context, loaded, pipeline_class, request.scheduler, str(conditioner.folder), controlnet=controlnet
@@ -364,7 +364,7 @@ def run(request: SketchToImageRequest, context: TaskContext, seeds: list[int], p
         pipeline_class = (
             diffusers.StableDiffusionXLAdapterPipeline if sdxl else diffusers.StableDiffusionAdapterPipeline
         )
-        cached = loaded.derived.get(f"{pipeline_class.__name__}[{conditioner.folder}]")
+        cached = loaded.pipelines.get(f"{pipeline_class.__name__}[{conditioner.folder}]")
         adapter = cached.adapter if cached is not None else _load_component(conditioner, loaded, context)
         pipe = _derived(context, loaded, pipeline_class, request.scheduler, str(conditioner.folder), adapter=adapter)
         kwargs = dict(

@@ -11,9 +11,9 @@ Three methods (request.method; "auto" = "reference" when a reference_image is gi
   keys AdaIN-normalised to the reference's statistics (StyleAligned's shared attention, Hertz et al.
   2023). `style_strength` scales the attention paid to the reference (a log-bias on its keys) and the
   AdaIN blend; 0 turns the sharing off.
-- ip_adapter: an IP-Adapter whose weights the user already has locally, named by
-  `Settings.extra["ip_adapter"]` (a folder, or a dict with folder / weight_name / subfolder /
-  image_encoder_folder). Nothing is ever downloaded.
+- ip_adapter: an IP-Adapter whose weights the user already has locally, a folder named by
+  `--ip-adapter` (`Settings.add_ons.ip_adapter`) holding the adapter .safetensors and its
+  image_encoder/. Nothing is ever downloaded.
 
 The cached model is never changed: the reference method installs its attention processors on the
 shared UNet only for the duration of the call, from a copy of the processors map that is restored in a
@@ -87,37 +87,35 @@ def check_inputs(request: StyleTransferRequest, context: TaskContext) -> None:
 
 
 def ip_adapter_config(settings) -> dict:
-    """Where the user's IP-Adapter weights are: Settings.extra["ip_adapter"], a folder or a dict. Never downloads."""
-    entry = (settings.extra or {}).get("ip_adapter")
-    if not entry:
+    """Where the user's IP-Adapter weights are (Settings.add_ons: a local folder, never downloaded)."""
+    folder = settings.add_ons.ip_adapter
+    if folder is None:
         raise StudioInputError(
-            "method 'ip_adapter' needs IP-Adapter weights on this machine, and none are configured: set "
-            "Settings.extra['ip_adapter'] to a local folder holding the adapter .safetensors and its image_encoder/ "
-            "(the studio never downloads); or use method 'reference', which needs no extra weights"
+            "method 'ip_adapter' needs IP-Adapter weights on this machine, and none are configured: start the "
+            "studio with --ip-adapter FOLDER (or STUDIO_IP_ADAPTER), a local folder holding the adapter "
+            ".safetensors and its image_encoder/ (the studio never downloads); or use method 'reference', "
+            "which needs no extra weights"
         )
-    config = {"folder": entry} if isinstance(entry, (str, Path)) else dict(entry)
-    folder = Path(config.get("folder", "")).expanduser()
-    subfolder = config.get("subfolder", "")
+    folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise StudioInputError(f"IP-Adapter folder {str(folder)!r} (Settings.extra['ip_adapter']) does not exist")
-    weight_name = config.get("weight_name")
+        raise StudioInputError(f"IP-Adapter folder {str(folder)!r} (--ip-adapter) does not exist")
+    weight_name = settings.add_ons.ip_adapter_weights
     if weight_name is None:
-        candidates = sorted((folder / subfolder).glob("*.safetensors"))
+        candidates = sorted(folder.glob("*.safetensors"))
         if len(candidates) != 1:
             raise StudioInputError(
-                f"IP-Adapter folder {str(folder / subfolder)!r} holds {len(candidates)} .safetensors files; "
-                "name the one to use with Settings.extra['ip_adapter']['weight_name']"
+                f"IP-Adapter folder {str(folder)!r} holds {len(candidates)} .safetensors files; "
+                "name the one to use with Settings.add_ons.ip_adapter_weights"
             )
         weight_name = candidates[0].name
-    if not (folder / subfolder / weight_name).is_file():
-        raise StudioInputError(f"IP-Adapter weights {str(folder / subfolder / weight_name)!r} do not exist")
-    encoder = config.get("image_encoder_folder", "image_encoder")
-    encoder_path = Path(encoder) if Path(encoder).is_absolute() else folder / encoder
+    if not (folder / weight_name).is_file():
+        raise StudioInputError(f"IP-Adapter weights {str(folder / weight_name)!r} do not exist")
+    encoder_path = folder / "image_encoder"
     if not (encoder_path / "config.json").is_file():
         raise StudioInputError(
             f"IP-Adapter image encoder {str(encoder_path)!r} is missing (a CLIPVisionModelWithProjection folder)"
         )
-    return {"folder": str(folder), "subfolder": subfolder, "weight_name": weight_name, "image_encoder_folder": str(encoder_path)}
+    return {"folder": str(folder), "subfolder": "", "weight_name": weight_name, "image_encoder_folder": str(encoder_path)}
 
 
 class ip_adapter_loaded:

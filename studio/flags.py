@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .settings import MAX_OUTPUT_PIXELS_HELP, Settings, positive_int
+from .settings import ADD_ON_FOLDERS, MAX_OUTPUT_PIXELS_HELP, Settings, positive_int
 
 # Settings fields set by a flag of the same name (--models-dir, repeatable, sets models_dirs).
 SETTINGS_FLAGS = (
@@ -54,6 +54,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> argparse._Argumen
         help="allow .ckpt/.pt/.bin pickle weights (loaded with weights_only)",
     )
     group.add_argument("--max-output-pixels", type=positive_int, metavar="N", help=MAX_OUTPUT_PIXELS_HELP)
+    for name, (variable, flag, label) in ADD_ON_FOLDERS.items():
+        # Not dest=name: a task's request may have a field of that name (sketch's per-request --controlnet).
+        group.add_argument(flag, dest=f"add_on_{name}", type=Path, metavar="FOLDER", help=f"{label} (also {variable})")
     return group
 
 
@@ -65,4 +68,8 @@ def settings_from_args(args: argparse.Namespace, environ: dict | None = None, **
     values = {name: getattr(args, name, None) for name in SETTINGS_FLAGS}
     if getattr(args, "models_dir", None):
         values["models_dirs"] = tuple(args.models_dir)
+    add_ons = {name: getattr(args, f"add_on_{name}", None) for name in ADD_ON_FOLDERS}
+    add_ons = {name: folder for name, folder in add_ons.items() if folder is not None}
+    if add_ons:
+        values["add_ons"] = add_ons
     return Settings.from_env(environ, **{**values, **overrides})

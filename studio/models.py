@@ -55,7 +55,11 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     model_hash: str  # 10 hex digits, A1111 style
-    derived: dict = field(default_factory=dict)  # pipeline class name -> pipeline sharing the base's weights
+    # Pipelines derived from `pipe`, sharing its weights: by class name, or "Class[add-on folder]" when they
+    # carry an add-on (a ControlNet, a T2I-Adapter).
+    pipelines: dict[str, object] = field(default_factory=dict)
+    # What a task keeps for this model between requests (Imagic's trained states), by task name; freed with it.
+    task_state: dict[str, object] = field(default_factory=dict)
 
     @property
     def is_sdxl(self) -> bool:
@@ -247,15 +251,15 @@ class ModelManager:
 
     def derive(self, loaded: LoadedModel, pipeline_class, **components):
         """A pipeline of another class sharing the loaded weights (cached when no components are swapped)."""
-        if not components and pipeline_class.__name__ in loaded.derived:
-            return loaded.derived[pipeline_class.__name__]
+        if not components and pipeline_class.__name__ in loaded.pipelines:
+            return loaded.pipelines[pipeline_class.__name__]
         if type(loaded.pipe) is pipeline_class and not components:
             return loaded.pipe
         # from_pipe casts to dtype (float32 by default): pass the loaded dtype so shared weights stay as they are.
         pipe = pipeline_class.from_pipe(loaded.pipe, dtype=loaded.dtype, **components)
         pipe.set_progress_bar_config(disable=True)
         if not components:
-            loaded.derived[pipeline_class.__name__] = pipe
+            loaded.pipelines[pipeline_class.__name__] = pipe
         return pipe
 
     def loaded_models(self) -> list[ModelRef]:
@@ -265,7 +269,8 @@ class ModelManager:
         while len(self._loaded) > max(keep, 0):
             ref, loaded = self._loaded.popitem(last=False)
             log.info("freeing model %s", ref.name)
-            loaded.derived.clear()
+            loaded.pipelines.clear()
+            loaded.task_state.clear()
             del loaded
             gc.collect()
             if torch.cuda.is_available():

@@ -37,6 +37,26 @@ JOB_TIME_LIMIT_HELP = "stop a job running longer; queue wait not counted (defaul
 
 
 @dataclass(frozen=True)
+class AddOns:
+    """Weights used beside the model, each a local folder (the studio never downloads); None: none configured."""
+
+    controlnet: Path | None = None  # a sketch ControlNet (else the model's own controlnet/ subfolder, if it ships one)
+    controlnet_sketch: str | None = None  # the strokes it was trained on: "dark_on_light" or "light_on_dark"
+    t2i_adapter: Path | None = None  # a T2I-Adapter for sketches
+    t2i_adapter_sketch: str | None = None  # as controlnet_sketch, for the T2I-Adapter
+    ip_adapter: Path | None = None  # an IP-Adapter folder: its .safetensors and image_encoder/ (style by image)
+    ip_adapter_weights: str | None = None  # which .safetensors in it, when it holds several
+
+
+# Each add-on's environment variable, flag and label (the CLI, the server and the UI's models tab read it).
+ADD_ON_FOLDERS = {
+    "controlnet": ("STUDIO_CONTROLNET", "--default-controlnet", "sketch ControlNet folder"),
+    "t2i_adapter": ("STUDIO_T2I_ADAPTER", "--default-t2i-adapter", "sketch T2I-Adapter folder"),
+    "ip_adapter": ("STUDIO_IP_ADAPTER", "--ip-adapter", "IP-Adapter folder (with image_encoder/)"),
+}
+
+
+@dataclass(frozen=True)
 class Settings:
     outputs_dir: Path = Path("outputs")  # where generated PNGs go unless told otherwise
     model: str = "embedded"  # default model reference (see studio.models.resolve_model_ref)
@@ -56,7 +76,7 @@ class Settings:
     job_time_limit: float | None = None  # seconds a job may run (the queue wait not counted); None: no limit
     host: str = "127.0.0.1"  # the UI/API server's bind address
     port: int = 7860  # the UI/API server's port
-    extra: dict = field(default_factory=dict)  # room for task-specific settings
+    add_ons: AddOns = field(default_factory=AddOns)  # ControlNet, T2I-Adapter, IP-Adapter weights beside the model
 
     @classmethod
     def from_env(cls, environ: dict | None = None, **overrides) -> "Settings":
@@ -77,7 +97,12 @@ class Settings:
             values["max_output_pixels"] = _from_env(env, "STUDIO_MAX_OUTPUT_PIXELS", positive_int)
         if "STUDIO_JOB_TIME_LIMIT" in env:
             values["job_time_limit"] = _from_env(env, "STUDIO_JOB_TIME_LIMIT", positive_seconds)
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        add_ons = {name: Path(env[variable]) for name, (variable, _, _) in ADD_ON_FOLDERS.items() if env.get(variable)}
+        values["add_ons"] = AddOns(**add_ons)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if isinstance(given.get("add_ons"), dict):  # some add-ons given (flags): the others stay as the environment set them
+            given["add_ons"] = replace(values["add_ons"], **given["add_ons"])
+        values.update(given)
         return cls(**values)
 
     def with_(self, **changes) -> "Settings":

@@ -25,6 +25,7 @@ from studio_pipelines.sketch_to_image import (
 from studio import Settings
 from studio.demo import world
 from studio.requests import StudioInputError
+from studio.settings import AddOns
 from studio.settings import EMBEDDED_MODEL_DIR
 
 STEPS = 2
@@ -98,8 +99,8 @@ def adapter_folder(tmp_path_factory):
     return folder
 
 
-def context_for(studio, **extra) -> TaskContext:
-    settings = studio.settings.with_(extra=extra) if extra else studio.settings
+def context_for(studio, **add_ons) -> TaskContext:
+    settings = studio.settings.with_(add_ons=AddOns(**add_ons)) if add_ons else studio.settings
     return TaskContext(settings=settings, models=studio.models)
 
 
@@ -184,7 +185,7 @@ def test_method_choice(studio, controlnet_folder, adapter_folder, model_with_con
     method, found = choose(controlnet=str(controlnet_folder))
     assert method == "controlnet" and found.polarity == LIGHT_ON_DARK
     method, found = choose(context_for(studio, controlnet=str(controlnet_folder)))
-    assert method == "controlnet" and "Settings" in found.source
+    assert method == "controlnet" and "--default-controlnet" in found.source
     method, found = choose(model=str(model_with_controlnet))  # shipped with the model, like the embedded one
     assert method == "controlnet" and found.polarity == DARK_ON_LIGHT
     assert found.folder == (model_with_controlnet / "controlnet").resolve()
@@ -249,7 +250,7 @@ def test_controlnet_shipped_in_the_model_folder_is_used_by_default(studio, model
 def test_t2i_adapter_path_runs(studio, adapter_folder):
     from studio import Studio
 
-    with_adapter = Studio(studio.settings.with_(extra={"t2i_adapter": str(adapter_folder)}))
+    with_adapter = Studio(studio.settings.with_(add_ons=AddOns(t2i_adapter=adapter_folder)))
     result = with_adapter.sketch_to_image("a red circle", circle_sketch(), seed=1, num_inference_steps=STEPS)
     other = with_adapter.sketch_to_image("a red circle", square_sketch(), seed=1, num_inference_steps=STEPS)
     assert result.images[0].size == (64, 64)

@@ -8,7 +8,7 @@ from helpers import noise_image, pixels, unet_fingerprint
 
 from studio.progress import GenerationCancelled, Progress
 from studio.requests import StudioInputError
-from studio.settings import EMBEDDED_MODEL_DIR
+from studio.settings import EMBEDDED_MODEL_DIR, AddOns
 
 STEPS = 4  # strength 0.6 -> 2 denoising steps: enough to see every mechanism, cheap on 2 CPU cores
 
@@ -158,14 +158,14 @@ def test_too_small_images_are_refused(unloadable_studio, inputs):
 def test_ip_adapter_without_local_weights_is_a_clear_error(unloadable_studio, inputs, tmp_path):
     from studio import Settings, Studio
 
-    with pytest.raises(StudioInputError, match=r"none are configured.*Settings.extra\['ip_adapter'\].*never downloads"):
+    with pytest.raises(StudioInputError, match=r"none are configured.*--ip-adapter.*never downloads"):
         unloadable_studio.style_transfer("a circle", inputs["image"], reference_image=inputs["reference"], method="ip_adapter")
-    missing = Studio(Settings(model=str(tmp_path / "no-model"), extra={"ip_adapter": str(tmp_path / "nowhere")}))
+    missing = Studio(Settings(model=str(tmp_path / "no-model"), add_ons=AddOns(ip_adapter=tmp_path / "nowhere")))
     with pytest.raises(StudioInputError, match="IP-Adapter folder .*nowhere.* does not exist"):
         missing.style_transfer("a circle", inputs["image"], reference_image=inputs["reference"], method="ip_adapter")
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "ip-adapter.safetensors").write_bytes(b"")
-    no_encoder = Studio(Settings(model=str(tmp_path / "no-model"), extra={"ip_adapter": str(tmp_path / "adapter")}))
+    no_encoder = Studio(Settings(model=str(tmp_path / "no-model"), add_ons=AddOns(ip_adapter=tmp_path / "adapter")))
     with pytest.raises(StudioInputError, match="image encoder .*image_encoder.* is missing"):
         no_encoder.style_transfer("a circle", inputs["image"], reference_image=inputs["reference"], method="ip_adapter")
 
@@ -212,7 +212,7 @@ def test_ip_adapter_with_local_weights_runs_and_puts_the_model_back(sd15_folder,
     plain_studio = Studio(Settings(model=str(sd15_folder)))
     unet = plain_studio.models.get(None).pipe.unet
     adapter = save_tiny_ip_adapter(tmp_path / "ip-adapter", unet)
-    studio = Studio(Settings(model=str(sd15_folder), extra={"ip_adapter": str(adapter)}))
+    studio = Studio(Settings(model=str(sd15_folder), add_ons=AddOns(ip_adapter=adapter)))
     unet = studio.models.get(None).pipe.unet
     before = unet_fingerprint(unet), unet.encoder_hid_proj, unet.config.encoder_hid_dim_type
     kwargs = dict(seed=2, num_inference_steps=STEPS)

@@ -4,6 +4,7 @@ embedded model inside the installed package and draws what it is asked to."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -16,9 +17,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_wheel_carries_the_model_and_generates_from_any_folder(tmp_path):
-    # 1. build the wheel (no isolation: offline, with this environment's setuptools)
+    # 1. build the wheel from a copy of the sources (a build writes build/ beside them), without isolation:
+    # offline, with this environment's setuptools
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "outputs", ".train*", "*.egg-info"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT), "-w", str(tmp_path)],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(source), "-w", str(tmp_path)],
         check=True,
         capture_output=True,
     )
@@ -26,6 +30,9 @@ def test_wheel_carries_the_model_and_generates_from_any_folder(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "studio_assets/embedded-model/model_index.json" in names
     assert "studio_pipelines/text_to_image.py" in names and not any(n.startswith("pipelines/") for n in names)
+    # every package of the source tree is listed in pyproject.toml's explicit packages
+    for init in (ROOT / "studio").rglob("__init__.py"):
+        assert init.relative_to(ROOT).as_posix() in names, init
 
     # 2. install it apart from the checkout; this environment provides its dependencies
     target = tmp_path / "site"

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import gradio as gr
+
+from studio.requests import StudioInputError
+from studio.settings import ADD_ON_FOLDERS
 
 from .runner import StudioUI, friendly
 
@@ -46,6 +52,16 @@ def build_models_tab(ui: StudioUI, demo: gr.Blocks, tab: gr.Tab) -> None:
                     value=settings.attention_slicing, label="attention slicing", info="lower peak memory, slower"
                 )
                 tiling = gr.Checkbox(value=settings.vae_tiling, label="VAE tiling", info="decode large images in tiles")
+            with gr.Accordion("Add-on weights (local folders; nothing is downloaded)", open=False):
+                add_on_boxes = [
+                    gr.Textbox(
+                        value=str(getattr(settings.add_ons, name) or ""),
+                        label=label,
+                        info=f"{flag} / {variable}",
+                        elem_id=f"models-{name}",
+                    )
+                    for name, (variable, flag, label) in ADD_ON_FOLDERS.items()
+                ]
             with gr.Row():
                 apply = gr.Button("Apply", variant="primary")
                 load = gr.Button("Load the model now")
@@ -66,7 +82,17 @@ def build_models_tab(ui: StudioUI, demo: gr.Blocks, tab: gr.Tab) -> None:
         lines.append(f"Outputs: `{ui.outputs}`")
         return "\n\n".join(lines)
 
-    def apply_settings(model, device, dtype, attention, offload, slicing, tiling):
+    def add_ons(folders):
+        """The add-on folders as typed; a folder that does not exist is refused, naming it."""
+        given = {}
+        for (name, (_, _, label)), text in zip(ADD_ON_FOLDERS.items(), folders):
+            folder = Path(text.strip()).expanduser() if text and text.strip() else None
+            if folder is not None and not folder.is_dir():
+                raise StudioInputError(f"{label} {str(folder)!r} is not a folder on this machine")
+            given[name] = folder
+        return replace(ui.settings.add_ons, **given)
+
+    def apply_settings(model, device, dtype, attention, offload, slicing, tiling, *folders):
         try:
             from studio.devices import pick_device
             from studio.models import resolve_model_ref
@@ -81,6 +107,7 @@ def build_models_tab(ui: StudioUI, demo: gr.Blocks, tab: gr.Tab) -> None:
                 offload=offload,
                 attention_slicing=bool(slicing),
                 vae_tiling=bool(tiling),
+                add_ons=add_ons(folders),
             )
             ui.preload_error = None
         except Exception as error:
@@ -102,7 +129,11 @@ def build_models_tab(ui: StudioUI, demo: gr.Blocks, tab: gr.Tab) -> None:
     private = {"api_visibility": "private"}
     device_queue = {"concurrency_id": "device", "concurrency_limit": 1}
     apply.click(
-        apply_settings, [model, device, dtype, attention, offload, slicing, tiling], status, **private, **device_queue
+        apply_settings,
+        [model, device, dtype, attention, offload, slicing, tiling, *add_on_boxes],
+        status,
+        **private,
+        **device_queue,
     )
     load.click(load_now, None, status, **private, **device_queue)
     refresh.click(refresh_list, None, [model, status], **private, queue=False)
