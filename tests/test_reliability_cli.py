@@ -525,7 +525,7 @@ from studio.requests import MAX_PROMPT_CHARS  # noqa: E402
 def cli_uses_session_studio(studio, monkeypatch):
     """`studio` commands run on the session's Studio (its tiny model already loaded) instead of building
     one from the flags: what is checked is the command's own behaviour (messages, exit codes, files)."""
-    monkeypatch.setattr(studio_core, "Studio", lambda settings=None: studio)
+    monkeypatch.setattr(studio_core, "Studio", lambda *args, **kwargs: studio)
     return studio
 
 

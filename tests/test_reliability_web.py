@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import client_for, load_app, serve
+from helpers import client_for, serve
 from PIL import Image
 
 pytest.importorskip("gradio")
@@ -87,11 +87,12 @@ def test_refusals_say_nothing_about_whether_a_path_exists(served, private_png, t
 
 def test_widgets_refuse_paths_that_were_not_uploaded_even_past_the_guard(private_png):
     """Defence in depth: the studio's own file widgets check the upload folder themselves."""
-    app = load_app()
-    image = app.uploaded_file(gr.Image(type="filepath", label="image"))
+    from studio.ui.widgets import uploaded_file, uploaded_files
+
+    image = uploaded_file(gr.Image(type="filepath", label="image"))
     with pytest.raises(gr.Error, match="upload the file"):
         image.preprocess(FileData(path=str(private_png)))
-    jobs = app.uploaded_files(gr.File(type="filepath", label="jobs"))
+    jobs = uploaded_files(gr.File(type="filepath", label="jobs"))
     with pytest.raises(gr.Error, match="upload the file"):
         jobs.preprocess(FileData(path=str(private_png)))
 
@@ -227,15 +228,17 @@ def test_ui_batch_lines_may_name_only_offered_models_and_uploaded_images(served,
 
 
 def test_upload_cache_is_swept_and_old_inputs_pruned(served):
-    app = load_app()
-    assert served.demo.delete_cache == app.UPLOAD_CACHE_SWEEP
+    from studio.ui.app import UPLOAD_CACHE_SWEEP
+    from studio.ui.runner import INPUT_MAX_AGE
+
+    assert served.demo.delete_cache == UPLOAD_CACHE_SWEEP
     ui = served.demo.studio_ui
     inputs = ui.outputs / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
     old, new = inputs / "old.png", inputs / "new.png"
     for path in (old, new):
         Image.new("RGB", (4, 4)).save(path)
-    week_ago = time.time() - app.INPUT_MAX_AGE - 60
+    week_ago = time.time() - INPUT_MAX_AGE - 60
     os.utime(old, (week_ago, week_ago))
     ui.last_prune = 0.0
     assert ui.prune_inputs() >= 1
@@ -257,3 +260,561 @@ def test_a_maximum_size_job_is_refused_up_front_and_others_are_served(served, tm
     assert time.perf_counter() - started < 10
     gallery = client.predict(prompt="a red circle", seed=1, num_inference_steps=1, api_name="/text_to_image")[0]
     assert len(gallery) == 1
+
+
+# == reliability-cases.md, case by case: attacks no test above sends =================================
+
+import io  # noqa: E402
+import struct  # noqa: E402
+import uuid  # noqa: E402
+import zlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+from studio.metadata import read_record  # noqa: E402
+
+
+def _upload_folder() -> Path:
+    from gradio.utils import get_upload_folder
+
+    return Path(get_upload_folder()).resolve()
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _bomb(path: Path, side: int = 100_000) -> Path:
+    """A PNG of a few bytes whose header claims side x side pixels (30 GB once decoded)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
+def _outcome(text: str) -> tuple[str, object]:
+    """(event, data) of the last event of a /gradio_api/call event stream."""
+    events = [line.removeprefix("event: ") for line in text.splitlines() if line.startswith("event: ")]
+    data = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
+    return events[-1], json.loads(data[-1])
+
+
+def _uploaded(http: httpx.Client, served, name: str, content: bytes) -> dict:
+    response = http.post(served.url.rstrip("/") + "/gradio_api/upload", files=[("files", (name, content, "image/png"))])
+    assert response.status_code == 200, (name, response.text)
+    [path] = response.json()
+    return {"path": path, "orig_name": name, "meta": {"_type": "gradio.FileData"}}
+
+
+def _write_jobs(path: Path, lines: list) -> Path:
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+    return path
+
+
+def _new_files(served, before: set) -> set:
+    return {path for path in served.outputs.rglob("*") if path.is_file()} - before
+
+
+@pytest.fixture
+def model_calls(served, monkeypatch):
+    """Every time the served studio asks for its model: an input refused up front never does."""
+    calls = []
+    models = served.demo.studio_ui.studio.models
+    original = models.get
+    monkeypatch.setattr(models, "get", lambda reference=None: calls.append(reference) or original(reference))
+    return calls
+
+
+class _CreatesFileWhenUnpickled:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+# -- reliability-cases.md #1: upload names that try to leave the upload folder --------------------------
+
+
+def test_case_1_upload_names_with_dot_dot_absolute_paths_and_nul_stay_inside(served, tmp_path):
+    token = uuid.uuid4().hex[:12]
+    names = [f"../../{token}.py", f"..\\..\\{token}.png", f"/etc/{token}.png", f"{token}\x00.png"]
+    picture = _png(Image.new("RGB", (64, 64), (200, 30, 30)))
+    root = _upload_folder()
+    before = {path for path in served.outputs.rglob("*") if path.is_file()}
+    with httpx.Client(timeout=30) as http:
+        uploads = [_uploaded(http, served, name, picture) for name in names]
+        for upload in uploads:
+            stored = Path(upload["path"]).resolve()
+            assert root in stored.parents, upload  # under a generated folder of the upload cache
+            assert "\x00" not in upload["path"] and "\\" not in stored.name
+        # The same uploads as a batch's images: the jobs name them by their plain file name only.
+        jobs_path = _write_jobs(
+            tmp_path / "jobs.jsonl",
+            [
+                {"task": "style_transfer", "image": f"{token}.png", "prompt": "x", "seed": 1,
+                 "num_inference_steps": 1, "strength": 1.0},
+                {"task": "style_transfer", "image": f"../../{token}.png", "prompt": "x"},
+                {"task": "style_transfer", "image": f"/etc/{token}.png", "prompt": "x"},
+            ],
+        )
+        jobs = _uploaded(http, served, "jobs.jsonl", jobs_path.read_bytes())
+        images = [upload for upload in uploads if not upload["path"].endswith(".py")]  # the tab takes images only
+        response = http.post(served.url.rstrip("/") + "/gradio_api/call/batch", json={"data": [jobs, images]})
+        event, data = _outcome(_result(served, response))
+    assert event == "complete", data
+    gallery, _, status, log = data[:4]
+    assert len(gallery) == 1 and "2 lines failed" in status, (status, log)
+    assert log.count("outside the jobs file's folder") == 2
+    for folder in {root.parent, root.parent.parent, Path("/etc"), Path.cwd(), served.outputs.parent}:
+        assert not list(folder.glob(f"*{token}*")), folder  # nothing written beside or above the folders
+    assert all(served.outputs in path.parents for path in _new_files(served, before))
+
+
+# -- reliability-cases.md #4, #5: pickles posing as images or models, remote code -----------------------
+
+
+def test_case_4_5_pickles_and_remote_code_are_refused_through_the_web(served, tmp_path, model_calls):
+    import torch
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.png"  # a pickle renamed .png
+    torch.save({"state_dict": {"x": _CreatesFileWhenUnpickled(marker)}}, evil)
+    renamed = tmp_path / "evil.ckpt"
+    renamed.write_bytes(evil.read_bytes())  # and the same pickle as .ckpt
+    remote = tmp_path / "remote-model"
+    remote.mkdir()
+    (remote / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["my_unet", "MyUNet"]}))
+    client = client_for(served.url, tmp_path)
+    with pytest.raises(AppError, match="not a readable raster image"):
+        client.predict(image=handle_file(str(evil)), prompt="x", num_inference_steps=1, api_name="/style_transfer")
+    jobs = _write_jobs(
+        tmp_path / "jobs.jsonl",
+        [
+            {"prompt": "x", "model": "evil.png"},  # the uploaded pickle, by its name
+            {"prompt": "x", "model": str(renamed)},  # by a server path
+            {"prompt": "x", "model": str(remote)},
+            {"prompt": "x", "custom_pipeline": "lpw_stable_diffusion"},
+            {"prompt": "x", "trust_remote_code": True},
+        ],
+    )
+    gallery, _, status, log, *_ = client.predict(
+        jobs=handle_file(str(jobs)), images=[handle_file(str(evil))], api_name="/batch"
+    )
+    assert gallery == [] and "5 lines failed" in status, (status, log)
+    assert log.count("is not one this server offers") == 3
+    assert "custom_pipeline" in log and "trust_remote_code" in log
+    assert not marker.exists() and model_calls == []
+
+
+# -- reliability-cases.md #6, #8: bombs and markup among a batch's images; markup uploads never served inline
+
+
+def test_case_6_8_bombs_svg_and_html_as_batch_images_fail_their_lines(served, tmp_path, model_calls):
+    _bomb(tmp_path / "bomb.png")
+    (tmp_path / "evil.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>')
+    (tmp_path / "page.png").write_text("<html><script>alert(1)</script></html>")
+    Image.new("RGB", (64, 64), "white").save(tmp_path / "ok.png")
+    edit = {"prompt": "x", "num_inference_steps": 1}
+    jobs = _write_jobs(
+        tmp_path / "jobs.jsonl",
+        [
+            {**edit, "task": "style_transfer", "image": "bomb.png"},
+            {**edit, "task": "style_transfer", "image": "evil.svg"},
+            {**edit, "task": "style_transfer", "image": "page.png"},
+            {**edit, "task": "inpaint", "image": "ok.png", "mask_image": "bomb.png"},
+        ],
+    )
+    images = [handle_file(str(tmp_path / name)) for name in ("bomb.png", "evil.svg", "page.png", "ok.png")]
+    try:
+        gallery, _, status, log, *_ = client_for(served.url, tmp_path).predict(
+            jobs=handle_file(str(jobs)), images=images, api_name="/batch"
+        )
+    except AppError as error:  # refusing the upload as a whole is as good
+        assert "Traceback" not in str(error) and "/tmp/" not in str(error)
+    else:
+        assert gallery == [] and "4 lines failed" in status, (status, log)
+        assert log.count("is not a readable raster image") == 4, log
+        assert "/tmp/" not in log  # the server's folders are never named
+    assert model_calls == []  # refused before any model call: nothing was decoded
+
+
+def test_case_8_uploaded_markup_is_served_as_an_attachment_in_a_sandbox(served):
+    markup = {
+        "evil.svg": b'<svg xmlns="http://www.w3.org/2000/svg"><script>alert(1)</script></svg>',
+        "page.html": b"<html><script>alert(1)</script></html>",
+    }
+    with httpx.Client(timeout=30) as http:
+        for name, content in markup.items():
+            path = _uploaded(http, served, name, content)["path"]
+            response = http.get(served.url.rstrip("/") + "/gradio_api/file=" + path)
+            if response.status_code != 200:
+                continue  # refused: never served at all
+            assert response.headers["content-disposition"].startswith("attachment"), name
+            assert response.headers["x-content-type-options"] == "nosniff"
+            assert "sandbox" in response.headers["content-security-policy"]
+            assert not response.headers["content-type"].startswith(("text/html", "image/svg")), name
+
+
+# -- reliability-cases.md #7: an upload over the limit is refused and nothing is stored --------------------
+
+
+def test_case_7_upload_over_the_limit_stores_nothing(served):
+    name = f"too-big-{uuid.uuid4().hex[:12]}.png"
+    with httpx.Client(timeout=30) as http:
+        response = http.post(
+            served.url.rstrip("/") + "/gradio_api/upload", files=[("files", (name, b"\0" * (3 * 1024 * 1024), "image/png"))]
+        )
+    assert response.status_code == 413
+    assert not list(_upload_folder().rglob(name))
+
+
+# -- reliability-cases.md #10: bad numbers are refused before any model call ------------------------------
+
+BAD_NUMBERS = [
+    ({"width": -8}, "-8"),
+    ({"width": 100_000}, "100000"),
+    ({"width": 100}, "100"),  # not a multiple of 8
+    ({"height": -8}, "-8"),
+    ({"num_inference_steps": 0}, "0"),
+    ({"num_inference_steps": -1}, "-1"),
+    ({"num_inference_steps": 10**6}, "1000000"),
+    ({"guidance_scale": float("nan")}, "nan"),
+    ({"guidance_scale": float("inf")}, "inf"),
+    ({"guidance_scale": float("-inf")}, "inf"),
+    ({"batch_size": 10**6}, "1000000"),
+    ({"seed": 2**64}, str(2**64)),
+    ({"seed": 2**70}, "2**64"),
+]
+
+
+def test_case_10_bad_numbers_are_refused_by_name_before_any_model_call(served, tmp_path, model_calls):
+    """Raw API calls (NaN and inf travel as JSON's NaN/Infinity). Width/height 0 are the UI's documented
+    "the model's size", so they are not errors here."""
+    defaults = {"prompt": "x", "negative_prompt": "", "seed": -1, "width": 0, "height": 0, "num_inference_steps": 1,
+                "guidance_scale": 7.0, "scheduler": "model default", "batch_size": 1}  # the endpoint's order
+    for fields, quoted in BAD_NUMBERS:
+        body = json.dumps({"data": list({**defaults, **fields}.values())})  # allow_nan: NaN, Infinity
+        with httpx.Client(timeout=30) as http:
+            response = http.post(served.url.rstrip("/") + "/gradio_api/call/text_to_image", content=body,
+                                 headers={"Content-Type": "application/json"})
+        event, data = _outcome(_result(served, response))
+        message = json.dumps(data)
+        assert event == "error" and next(iter(fields)) in message and quoted in message, (fields, message)
+        assert "Traceback" not in message
+    client = client_for(served.url, tmp_path)
+    image = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), "gray").save(image)
+    for strength in (-0.1, 1.5):
+        with pytest.raises(AppError, match=f"strength.*{strength}"):
+            client.predict(image=handle_file(str(image)), prompt="x", strength=strength, api_name="/style_transfer")
+    assert model_calls == []
+
+
+# -- reliability-cases.md #11: a 100k-character prompt with control and RTL characters --------------------
+
+
+def test_case_11_long_prompt_with_control_and_rtl_characters_is_truncated_with_a_warning(served, tmp_path):
+    prompt = "red " * 25_000 + "\u202eevil\u202c \u0627\u0644 \x07\x1b[31m \x00 {seed} %s\nNegative prompt: injected\nSteps: 999, Seed: 7"
+    gallery, seeds, status = client_for(served.url, tmp_path).predict(
+        prompt=prompt, seed=3, num_inference_steps=1, api_name="/text_to_image"
+    )
+    assert "prompt is" in status and "tokens long; only the first 77 are used" in status
+    path = Path(gallery[0]["image"])
+    record = read_record(path)
+    assert record.request.prompt == prompt.replace("\x00", "")  # kept as text, never evaluated or formatted
+    assert (record.seed, record.request.num_inference_steps) == (3, 1)
+    settings_line = Image.open(path).text["parameters"].splitlines()[-1]
+    assert settings_line.startswith("Steps: 1,") and "Seed: 3" in settings_line  # the injected line is not last
+
+
+# -- reliability-cases.md #12: masks and odd images ---------------------------------------------------------
+
+
+def _editor(path: Path) -> dict:
+    return {"background": handle_file(str(path)), "layers": [], "composite": None}
+
+
+def test_case_12_bad_masks_and_tiny_images_are_clear_errors(served, tmp_path, model_calls):
+    client = client_for(served.url, tmp_path)
+    image = tmp_path / "in.png"
+    Image.new("RGB", (64, 64), "gray").save(image)
+    masks = {"small.png": Image.new("L", (48, 40), 255), "black.png": Image.new("L", (64, 64), 0)}
+    for name, mask in masks.items():
+        mask.save(tmp_path / name)
+    with pytest.raises(AppError, match="48x40.*64x64|64x64.*48x40"):
+        client.predict(image=_editor(image), mask_image=handle_file(str(tmp_path / "small.png")), prompt="x",
+                       num_inference_steps=1, api_name="/inpaint")
+    with pytest.raises(AppError, match="nothing to repaint"):
+        client.predict(image=_editor(image), mask_image=handle_file(str(tmp_path / "black.png")), prompt="x",
+                       num_inference_steps=1, api_name="/inpaint")
+    Image.new("RGB", (1, 1), "red").save(tmp_path / "dot.png")
+    with pytest.raises(AppError, match="1x1"):
+        client.predict(image=handle_file(str(tmp_path / "dot.png")), prompt="x", num_inference_steps=1,
+                       api_name="/style_transfer")
+    assert model_calls == []
+
+
+def _odd_images(folder: Path) -> dict[str, tuple[Path, tuple, tuple]]:
+    """name -> (file, size of the normalised image, its RGB at (0, 0)): left half blue, right half red."""
+    base = Image.new("RGB", (64, 64), (200, 30, 30))
+    base.paste((30, 30, 200), (0, 0, 32, 64))
+    grey = round(0.299 * 30 + 0.587 * 30 + 0.114 * 200)
+    files = {}
+    base.convert("CMYK").save(folder / "cmyk.jpg", quality=95)
+    files["cmyk"] = (folder / "cmyk.jpg", (64, 64), (30, 30, 200))
+    deep = np.asarray(base.convert("L"), dtype=np.uint16) * 257
+    Image.fromarray(deep).save(folder / "deep.png")  # 16-bit greyscale
+    files["16-bit"] = (folder / "deep.png", (64, 64), (grey, grey, grey))
+    base.convert("P", palette=Image.ADAPTIVE).save(folder / "palette.png")
+    files["palette"] = (folder / "palette.png", (64, 64), (30, 30, 200))
+    frames = [base, Image.new("RGB", (64, 64), "green")]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:])
+    files["animated"] = (folder / "anim.gif", (64, 64), (30, 30, 200))
+    wide = Image.new("RGB", (128, 64), (200, 30, 30))
+    wide.paste((30, 30, 200), (0, 0, 64, 64))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90° clockwise: 64 wide, 128 tall, blue on top
+    wide.save(folder / "exif.png", exif=exif)
+    files["exif-rotated"] = (folder / "exif.png", (64, 128), (30, 30, 200))
+    return files
+
+
+def _close(actual, expected, tolerance=12) -> bool:
+    return all(abs(a - e) <= tolerance for a, e in zip(actual, expected))
+
+
+def test_case_12_odd_image_modes_are_normalised_on_the_style_tab(served, tmp_path):
+    client = client_for(served.url, tmp_path)
+    for name, (path, size, colour) in _odd_images(tmp_path).items():
+        gallery, _, _ = client.predict(image=handle_file(str(path)), prompt="x", seed=1, num_inference_steps=1,
+                                       strength=1.0, api_name="/style_transfer")
+        with Image.open(read_record(Path(gallery[0]["image"])).request.image) as staged:  # the input as used
+            assert staged.mode == "RGB" and staged.size == size, (name, staged.mode, staged.size)
+            assert _close(staged.getpixel((0, 0)), colour), (name, staged.getpixel((0, 0)))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="inpaint/sketch tabs: gradio's ImageEditor converts the upload with PIL convert('RGBA'), which "
+    "clips 16-bit greyscale to white; studio.ui.widgets.checked_editor passes that on "
+    "(the style tab and the CLI scale it)",
+)
+def test_case_12_sixteen_bit_image_is_normalised_on_the_inpaint_tab(served, tmp_path):
+    path, size, colour = _odd_images(tmp_path)["16-bit"]
+    Image.new("L", size, 255).save(tmp_path / "mask.png")
+    gallery, _, _ = client_for(served.url, tmp_path).predict(
+        image=_editor(path), mask_image=handle_file(str(tmp_path / "mask.png")), prompt="x", seed=1,
+        num_inference_steps=1, api_name="/inpaint",
+    )
+    with Image.open(read_record(Path(gallery[0]["image"])).request.image) as staged:
+        assert _close(staged.convert("RGB").getpixel((0, 0)), colour), staged.getpixel((0, 0))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="inpaint/sketch tabs: gradio's ImageEditor opens the upload without exif_transpose and "
+    "StudioUI.stage_image -> open_image skips it for in-memory images, so the input stays unrotated "
+    "(the style tab, batch and CLI rotate the same file)",
+)
+def test_case_12_exif_rotated_image_is_rotated_on_the_inpaint_tab(served, tmp_path):
+    path, size, colour = _odd_images(tmp_path)["exif-rotated"]
+    Image.new("L", size, 255).save(tmp_path / "mask.png")  # the size the user sees
+    Image.new("L", (128, 64), 255).save(tmp_path / "stored-size-mask.png")
+    client = client_for(served.url, tmp_path)
+    try:
+        gallery, _, _ = client.predict(
+            image=_editor(path), mask_image=handle_file(str(tmp_path / "mask.png")), prompt="x", seed=1,
+            num_inference_steps=1, api_name="/inpaint",
+        )
+    except AppError:  # today: the shown-size mask is refused, as the image is taken unrotated; see which
+        gallery, _, _ = client.predict(
+            image=_editor(path), mask_image=handle_file(str(tmp_path / "stored-size-mask.png")), prompt="x",
+            seed=1, num_inference_steps=1, api_name="/inpaint",
+        )
+    with Image.open(read_record(Path(gallery[0]["image"])).request.image) as staged:
+        assert staged.size == size and _close(staged.convert("RGB").getpixel((0, 0)), colour), staged.size
+
+
+# -- reliability-cases.md #13: 100 concurrent API requests --------------------------------------------------
+
+
+def test_case_13_a_hundred_concurrent_requests_meet_a_bounded_queue(served, monkeypatch):
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from studio.requests import StudioInputError
+
+    release, lock, running, most = threading.Event(), threading.Lock(), [0], [0]
+
+    def held_until_released(request, progress=None):  # a job holding the device; then it fails fast
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            release.wait(60)
+            raise StudioInputError("released")
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(served.demo.studio_ui.studio, "run", held_until_released)
+    base = served.url.rstrip("/")
+    data = {"data": ["x", "", 1, 0, 0, 1, 7.0, "model default", 1]}
+
+    def one(http: httpx.Client) -> str:
+        response = http.post(base + "/gradio_api/call/text_to_image", json=data)
+        if response.status_code != 200:
+            return response.text
+        return http.get(f"{base}/gradio_api/call/text_to_image/{response.json()['event_id']}").text
+
+    with httpx.Client(timeout=60, limits=httpx.Limits(max_connections=200)) as http:
+        with ThreadPoolExecutor(100) as pool:
+            answers = [pool.submit(one, http) for _ in range(100)]
+            deadline = time.monotonic() + 30
+            while sum(answer.done() for answer in answers) < 91 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            release.set()
+            answers = [answer.result() for answer in answers]
+    full = sum("Queue is full" in answer for answer in answers)
+    assert full >= 91  # a queue of 8 (plus the running job) answers the others at once: "queue full"
+    assert sum("released" in answer for answer in answers) == 100 - full
+    assert most[0] == 1  # one job at a time on the device
+    with httpx.Client(timeout=10) as http:
+        assert http.get(base).status_code == 200  # still serving
+
+
+# -- reliability-cases.md #14: a non-finite decode is reported, never saved ------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")  # the NaN live preview
+def test_case_14_non_finite_decode_is_an_error_and_nothing_is_saved(served, tmp_path, monkeypatch):
+    import torch
+
+    vae = served.demo.studio_ui.studio.models.get(None).pipe.vae
+    original = vae.decode
+
+    def overflowing(*args, **kwargs):
+        output = original(*args, **kwargs)
+        output.sample.fill_(float("nan"))
+        return output
+
+    monkeypatch.setattr(vae, "decode", overflowing)
+    before = {path for path in served.outputs.rglob("*.png")}
+    with pytest.raises(AppError, match="NaN/inf"):
+        client_for(served.url, tmp_path).predict(prompt="x", seed=1, num_inference_steps=1, api_name="/text_to_image")
+    assert {path for path in served.outputs.rglob("*.png")} == before
+    assert torch.isfinite(vae.decoder.conv_out.weight).all()  # the shared model itself is untouched
+
+
+# -- reliability-cases.md #15: cross-origin POSTs to the upload and call routes --------------------------
+
+
+def test_case_15_cross_origin_uploads_and_calls_are_refused(served):
+    base = served.url.rstrip("/")
+    evil = {"Origin": "http://evil.example"}
+    with httpx.Client(timeout=30) as http:
+        upload = http.post(base + "/gradio_api/upload", files=[("files", ("a.png", b"x", "image/png"))], headers=evil)
+        assert upload.status_code == 403
+        call = http.post(base + "/gradio_api/call/text_to_image", json={"data": ["x"]}, headers=evil)
+        assert call.status_code == 403
+        same = http.post(base + "/gradio_api/upload", files=[("files", ("a.png", b"x", "image/png"))],
+                         headers={"Origin": base})
+        assert same.status_code == 200
+
+
+# -- reliability-cases.md #17: a path the server did not hand out, in the Models tab ------------------------
+
+
+def _queue_call(served, api_name: str, data: list) -> dict:
+    """Call an event the way the page does (queue/join by fn_index); returns its process_completed message."""
+    base = served.url.rstrip("/")
+    with httpx.Client(timeout=60) as http:
+        dependencies = http.get(base + "/config").json()["dependencies"]
+        [fn_index] = [index for index, dep in enumerate(dependencies) if dep.get("api_name") == api_name]
+        data = data + [""] * (len(dependencies[fn_index]["inputs"]) - len(data))  # inputs added later: left empty
+        session = uuid.uuid4().hex
+        joined = http.post(base + "/gradio_api/queue/join",
+                           json={"data": data, "fn_index": fn_index, "session_hash": session})
+        assert joined.status_code == 200, joined.text
+        with http.stream("GET", base + "/gradio_api/queue/data", params={"session_hash": session}) as events:
+            for line in events.iter_lines():
+                if line.startswith("data:") and json.loads(line[5:]).get("msg") == "process_completed":
+                    return json.loads(line[5:])
+    raise AssertionError("no answer")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="the Models tab's apply_settings (studio/ui/models_tab.py, reachable by any client through "
+    "queue/join) resolves any server path as the model: its answers tell whether a path exists and is a folder (resolve_model_ref)",
+)
+def test_case_17_models_tab_says_nothing_about_server_paths(served):
+    settings = served.demo.studio_ui.settings
+    answers = {}
+    for path in ["/etc", f"/nonexistent-{uuid.uuid4().hex[:8]}"]:
+        answer = _queue_call(served, "apply_settings", [path, "auto", "auto", "auto", "none", False, False])
+        answers[path] = json.dumps(answer.get("output")).replace(path, "<path>")
+        assert answer.get("success") is False and "model" in answers[path], answer  # refused, as a model
+    assert served.demo.studio_ui.settings == settings  # neither became the server's model
+    assert len(set(answers.values())) == 1, answers
+
+
+# -- reliability-cases.md #19: bad lines in the web batch tab ----------------------------------------------
+
+
+def test_case_19_bad_lines_fail_alone_in_the_batch_tab(served, tmp_path):
+    lines = [
+        {"prompt": "good", "seed": 1, "num_inference_steps": 1},
+        "{not json",
+        "[" * 100_000 + "]" * 100_000,
+        '{"prompt": "x", "seed": ' + "9" * 5000 + "}",
+        {"prompt": "x", "task": ["inpaint"]},
+        {"prompt": "x", "num_inference_steps": "many"},
+        {"prompt": "x" * 300_000},
+    ]
+    jobs = _write_jobs(tmp_path / "jobs.jsonl", lines)
+    jobs.write_text("\ufeff" + jobs.read_text())
+    client = client_for(served.url, tmp_path)
+    gallery, _, status, log, *_ = client.predict(jobs=handle_file(str(jobs)), images=[], api_name="/batch")
+    assert len(gallery) == 1 and "6 lines failed" in status, (status, log)
+    failed = [line for line in log.splitlines() if ": failed: " in line]
+    assert [line.split(":")[0] for line in failed] == [f"line {n}" for n in range(2, 8)]
+    assert all(len(line) < 400 for line in failed) and "Traceback" not in log
+    twice = tmp_path / "twice.csv"
+    twice.write_text("prompt,seed,seed\nx,1,2\n")
+    with pytest.raises(AppError, match="'seed' more than once"):
+        client.predict(jobs=handle_file(str(twice)), images=[], api_name="/batch")
+
+
+# -- reliability-cases.md #22: forged metadata given to PNG info ---------------------------------------
+
+
+def test_case_22_png_info_of_forged_metadata_is_a_clear_error(served, tmp_path):
+    from PIL import PngImagePlugin
+
+    forged = {
+        "bad-json": "{not json",
+        "deep": "[" * 100_000,
+        "huge-number": '{"request": {}, "seed": 1' + "0" * 5000 + "}",
+        "wrong-types": json.dumps({"request": {"task": ["x"], "seed": "1"}, "image_index": "0"}),
+        "not-an-object": json.dumps([1, 2, 3]),
+    }
+    client = client_for(served.url, tmp_path)
+    for name, text in forged.items():
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("studio", text)
+        Image.new("RGB", (8, 8), "white").save(tmp_path / f"{name}.png", pnginfo=info)
+        with pytest.raises(AppError) as refused:
+            client.predict(image=handle_file(str(tmp_path / f"{name}.png")), api_name="/png_info")
+        message = str(refused.value)
+        assert "Traceback" not in message and "/tmp/" not in message and len(message) < 600, (name, message)
