@@ -245,6 +245,8 @@ def _reason(error: BaseException, written: dict[str, str] | None = None) -> str:
         text = ""
     for server_path in sorted(written or {}, key=len, reverse=True):  # longest first: a file before its folder
         text = text.replace(server_path, written[server_path])
+        # Messages quote paths with repr(), which doubles a backslash: replace that form too.
+        text = text.replace(repr(server_path)[1:-1], repr(written[server_path])[1:-1])
     text = _one_line(text)
     if not isinstance(error, StudioInputError):  # say what kind of failure it was: "MemoryError: ..."
         text = f"{type(error).__name__}: {text}" if text else type(error).__name__
@@ -333,7 +335,7 @@ def run_batch(
             report(job, "skipped", "already done")
             continue
         try:
-            paths, rendered = _render_job(studio, job, root, progress_factory or Progress)
+            paths, rendered, warnings = _render_job(studio, job, root, progress_factory or Progress)
         except Exception as error:  # whatever one job raises is that job's failure, never the batch's
             if isinstance(error, GenerationCancelled) and not isinstance(error, JobTimedOut):
                 raise  # the user cancelled: stop (a job's own time limit fails that job only)
@@ -341,19 +343,21 @@ def run_batch(
             fail(job, _reason(error, {**job.written, f"{root}{os.sep}": ""}))
             continue
         relative = [str(path.relative_to(root)) for path in paths]
-        _append_manifest(manifest_path, {"job": job.job_id, "line": job.line, "state": "done", "files": relative})
+        entry = {"job": job.job_id, "line": job.line, "state": "done", "files": relative}
+        _append_manifest(manifest_path, {**entry, "warnings": warnings} if warnings else entry)
         if rendered:
             summary.rendered.append(job.job_id)
             summary.files.extend(paths)
-            report(job, "done", ", ".join(relative))
+            report(job, "done", "; warning: ".join([", ".join(relative), *warnings]))
         else:
             summary.skipped.append(job.job_id)
             report(job, "skipped", "already done (its files were written by an earlier run)")
     return summary
 
 
-def _render_job(studio, job: Job, root: Path, new_progress) -> tuple[list[Path], bool]:
-    """Render one job and write its files; returns them, and False when an earlier run had written them all."""
+def _render_job(studio, job: Job, root: Path, new_progress) -> tuple[list[Path], bool, list[str]]:
+    """Render one job and write its files; returns them, False when an earlier run had written them all,
+    and the render's warnings (a truncated prompt...)."""
     request = job.request
     if request.seed is None:
         # A seed from the job's identity: a rerun after a kill makes the same images.
@@ -362,14 +366,14 @@ def _render_job(studio, job: Job, root: Path, new_progress) -> tuple[list[Path],
     paths = _output_files(target, request)
     own = _own_files(paths, request, root)
     if len(own) == len(paths):  # an earlier run was killed after writing them, before its manifest line
-        return paths, False
+        return paths, False, []
     result = studio.run(request, new_progress())
     if len(result.images) != len(paths):
         raise RuntimeError(f"the render made {len(result.images)} images where {len(paths)} were expected")
     for index, path in enumerate(paths):
         if path not in own and not atomic_write_new(path, result.png(index)):
             raise _taken(path, root)  # appeared while rendering
-    return paths, True
+    return paths, True, list(result.warnings)
 
 
 def _own_files(paths: list[Path], request: BaseRequest, root: Path) -> set[Path]:

@@ -571,13 +571,6 @@ def test_case_1_2_image_paths_that_leave_the_jobs_folder_read_nothing_outside(st
     assert "does not exist" in summary.failed[2]  # a backslash is no separator here: a name inside the folder
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="studio.images.open_image quotes the path with repr(), which doubles a backslash, so batch._reason "
-    "cannot swap the resolved path back to the line's text: the reason names the jobs folder (in the web UI the "
-    "server's private studio-batch-* folder)",
-)
 def test_case_1_a_backslash_image_name_is_reported_as_written(studio, tmp_path):
     folder = tmp_path / "private-server-folder"
     folder.mkdir()
@@ -775,12 +768,6 @@ def test_case_11_long_prompt_with_control_characters_renders_and_is_kept_verbati
     assert record.request.prompt == LONG_PROMPT and record.seed == 1  # NUL dropped; nothing evaluated or formatted
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="run_batch drops Result.warnings: a line whose prompt is truncated to the tokenizer limit renders "
-    "without any warning in `studio batch` output, the web batch log or the manifest",
-)
 def test_case_11_batch_warns_that_a_long_prompt_was_truncated(studio, tmp_path, capsys, monkeypatch):
     from studio.cli import main
 

@@ -600,13 +600,6 @@ def test_case_12_odd_image_modes_are_normalised_on_the_style_tab(served, tmp_pat
             assert _close(staged.getpixel((0, 0)), colour), (name, staged.getpixel((0, 0)))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="inpaint/sketch tabs: gradio's ImageEditor converts the upload with PIL convert('RGBA'), which "
-    "clips 16-bit greyscale to white; studio.ui.widgets.checked_editor passes that on "
-    "(the style tab and the CLI scale it)",
-)
 def test_case_12_sixteen_bit_image_is_normalised_on_the_inpaint_tab(served, tmp_path):
     path, size, colour = _odd_images(tmp_path)["16-bit"]
     Image.new("L", size, 255).save(tmp_path / "mask.png")
@@ -618,28 +611,13 @@ def test_case_12_sixteen_bit_image_is_normalised_on_the_inpaint_tab(served, tmp_
         assert _close(staged.convert("RGB").getpixel((0, 0)), colour), staged.getpixel((0, 0))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="inpaint/sketch tabs: gradio's ImageEditor opens the upload without exif_transpose and "
-    "StudioUI.stage_image -> open_image skips it for in-memory images, so the input stays unrotated "
-    "(the style tab, batch and CLI rotate the same file)",
-)
 def test_case_12_exif_rotated_image_is_rotated_on_the_inpaint_tab(served, tmp_path):
     path, size, colour = _odd_images(tmp_path)["exif-rotated"]
     Image.new("L", size, 255).save(tmp_path / "mask.png")  # the size the user sees
-    Image.new("L", (128, 64), 255).save(tmp_path / "stored-size-mask.png")
-    client = client_for(served.url, tmp_path)
-    try:
-        gallery, _, _ = client.predict(
-            image=_editor(path), mask_image=handle_file(str(tmp_path / "mask.png")), prompt="x", seed=1,
-            num_inference_steps=1, api_name="/inpaint",
-        )
-    except AppError:  # today: the shown-size mask is refused, as the image is taken unrotated; see which
-        gallery, _, _ = client.predict(
-            image=_editor(path), mask_image=handle_file(str(tmp_path / "stored-size-mask.png")), prompt="x",
-            seed=1, num_inference_steps=1, api_name="/inpaint",
-        )
+    gallery, _, _ = client_for(served.url, tmp_path).predict(
+        image=_editor(path), mask_image=handle_file(str(tmp_path / "mask.png")), prompt="x", seed=1,
+        num_inference_steps=1, api_name="/inpaint",
+    )
     with Image.open(read_record(Path(gallery[0]["image"])).request.image) as staged:
         assert staged.size == size and _close(staged.convert("RGB").getpixel((0, 0)), colour), staged.size
 
@@ -752,17 +730,11 @@ def _queue_call(served, api_name: str, data: list) -> dict:
     raise AssertionError("no answer")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the Models tab's apply_settings (studio/ui/models_tab.py, reachable by any client through "
-    "queue/join) resolves any server path as the model: its answers tell whether a path exists and is a folder (resolve_model_ref)",
-)
 def test_case_17_models_tab_says_nothing_about_server_paths(served):
     settings = served.demo.studio_ui.settings
     answers = {}
     for path in ["/etc", f"/nonexistent-{uuid.uuid4().hex[:8]}"]:
-        answer = _queue_call(served, "apply_settings", [path, "auto", "auto", "auto", "none", False, False])
+        answer = _queue_call(served, "apply_settings", [path, "auto", "auto", "auto", "none", False, False, "", "", ""])
         answers[path] = json.dumps(answer.get("output")).replace(path, "<path>")
         assert answer.get("success") is False and "model" in answers[path], answer  # refused, as a model
     assert served.demo.studio_ui.settings == settings  # neither became the server's model

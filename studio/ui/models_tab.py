@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from studio.requests import StudioInputError
+from studio.requests import StudioInputError, quote
 from studio.settings import ADD_ON_FOLDERS
 
 from .runner import StudioUI, friendly
@@ -28,7 +28,7 @@ def build_models_tab(ui: StudioUI, demo: gr.Blocks, tab: gr.Tab) -> None:
                 value=settings.model,
                 label="model",
                 allow_custom_value=True,
-                info="embedded, a diffusers folder, a cached hub id or a .safetensors file",
+                info="the models this server offers (the embedded one, and those in --models-dir)",
             )
             with gr.Row():
                 device = gr.Dropdown(
@@ -98,6 +98,10 @@ def build_models_tab(ui: StudioUI, demo: gr.Blocks, tab: gr.Tab) -> None:
             from studio.models import resolve_model_ref
 
             pick_device(device)  # clear errors now rather than at the next render
+            if (model or "embedded") not in ui.offered_models():
+                # Only what the list offers: any client can call this, and a path would change everyone's model
+                # (and the answer would tell whether that path exists).
+                raise StudioInputError(f"model {quote(model)} is not one this server offers; pick one from the list")
             resolve_model_ref(model or "embedded", ui.settings)
             ui.swap_settings(
                 model=model or "embedded",

@@ -11,7 +11,7 @@ from PIL import Image, ImageChops
 from studio_pipelines.masks import mask_from_image
 
 from studio import server
-from studio.images import check_image_header
+from studio.images import check_image_header, open_image
 from studio.requests import BaseRequest, StudioInputError
 
 # -- what a widget hands over: checked by the schema, uploads only, headers before decoding --------
@@ -77,7 +77,15 @@ def checked_editor(component, max_pixels: int):
                         check_image_header(item.path, max_pixels=max_pixels, name=_what(component.label)).close()
                     except StudioInputError as error:
                         raise gr.Error(str(error), print_exception=False) from None
-        return _readable(original, payload, component.label)
+        value = _readable(original, payload, component.label)
+        if value and payload.background is not None and payload.background.path:
+            # The uploaded image decoded as the rest of the studio decodes images (EXIF rotation, 16-bit
+            # greys scaled), not by gradio's plain convert("RGBA"); flattened on white, as gradio does.
+            try:
+                value["background"] = open_image(payload.background.path, max_pixels=max_pixels, name="image")
+            except StudioInputError as error:
+                raise gr.Error(str(error).replace(repr(payload.background.path), "the upload"), print_exception=False) from None
+        return value
 
     component.preprocess = preprocess
     return component
