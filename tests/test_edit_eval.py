@@ -101,7 +101,6 @@ def test_silhouettes_are_the_detectors_own(cases):
         image = world.render(case.scene)
         found = edit_eval.detect_with_silhouettes(image)
         assert [d for d, _ in found] == shapes_eval.detect(image)
-        assert shapes_eval._describe is not None and shapes_eval._describe.__name__ == "_describe"
         masks = world.render_masks(case.scene)
         for obj, mask in zip(case.scene.objects, masks):
             best = max(iou(s, mask) for _, s in found)

@@ -42,7 +42,6 @@ from __future__ import annotations
 import itertools
 import math
 import random
-import threading
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -278,30 +277,9 @@ def make_cases(task: str, n: int, seed: int = SCENE_SEED) -> list[EditCase]:
 # Detection with silhouettes
 # --------------------------------------------------------------------------
 
-_DETECT_LOCK = threading.Lock()
-
-
 def detect_with_silhouettes(image) -> list[tuple[Detection, np.ndarray]]:
-    """ShapesEval's detections, each with its filled silhouette (bool, at the detector's working size).
-
-    The silhouettes are recorded from inside `shapes_eval.detect` (its `_describe` step), so they are
-    exactly what the detector measured; detections are as `shapes_eval.detect` returns them.
-    """
-    captured: dict[int, np.ndarray] = {}
-    original = shapes_eval._describe
-
-    def recording(silhouette, inkiness, color):
-        detection = original(silhouette, inkiness, color)
-        captured[id(detection)] = silhouette.copy()
-        return detection
-
-    with _DETECT_LOCK:
-        shapes_eval._describe = recording
-        try:
-            detections = shapes_eval.detect(image)
-        finally:
-            shapes_eval._describe = original
-    return [(d, captured[id(d)]) for d in detections]
+    """ShapesEval's detections, each with the filled silhouette it measured (bool, at its working size)."""
+    return [(detection, detection.silhouette) for detection in shapes_eval.detect(image)]
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:

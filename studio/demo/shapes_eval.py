@@ -31,7 +31,7 @@ import colorsys
 import os
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -70,6 +70,8 @@ class Detection:
     cx: float  # centre of the bounding box, 0..1 of the image width
     cy: float  # ... and height
     area: float  # silhouette area as a fraction of the image
+    # The filled silhouette the detector measured (bool, at its working size); not compared.
+    silhouette: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def position(self) -> str:
@@ -359,6 +361,7 @@ def _describe(silhouette: np.ndarray, inkiness: np.ndarray, color: str) -> Detec
         cx=float((x0 + x1) / 2 / w),
         cy=float((y0 + y1) / 2 / h),
         area=float(silhouette.sum() / (h * w)),
+        silhouette=silhouette.copy(),
     )
 
 
