@@ -33,6 +33,16 @@ DEFAULT_MAX_UPLOAD = "50mb"
 DEFAULT_QUEUE_SIZE = 16
 # JSON bodies of API calls are small (files travel through /upload); larger bodies are refused.
 MAX_JSON_BODY = 16 * 1024 * 1024
+# The HTTP API (/sdapi/v1, /studio/v1) carries images as base64 in JSON: 4/3 of the upload limit, plus the rest.
+_API_ROUTE = re.compile(r"^/(?:sdapi/v1|studio/v1)(?:/|$)")
+_API_BODY_EXTRA = 1024 * 1024
+
+
+def api_body_limit(max_upload: int | None) -> int:
+    """Largest JSON body of an API request: the upload limit once base64-encoded, plus 1 MiB for the rest."""
+    if max_upload is None:
+        return MAX_JSON_BODY
+    return max(MAX_JSON_BODY, -(-max_upload * 4 // 3) + _API_BODY_EXTRA)
 
 # -- command line --------------------------------------------------------------------------------
 
@@ -76,6 +86,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--queue-size", type=int, default=DEFAULT_QUEUE_SIZE, help=f"jobs that may wait (default {DEFAULT_QUEUE_SIZE})"
     )
     serving.add_argument("--job-time-limit", type=positive_seconds, metavar="SECONDS", help=JOB_TIME_LIMIT_HELP)
+
+    api = parser.add_argument_group("HTTP API (AUTOMATIC1111's /sdapi/v1 and the studio's /studio/v1)")
+    api.add_argument("--api", action="store_true", help="serve the HTTP API beside the UI (same queue and device)")
+    api.add_argument("--api-only", action="store_true", help="serve the HTTP API without the UI")
+    api.add_argument(
+        "--api-auth",
+        default=None,
+        help="user:password for the API (HTTP Basic; comma-separate several); also STUDIO_API_AUTH. "
+        "Without it the API takes --auth's passwords; off localhost one of them is required",
+    )
+    api.add_argument(
+        "--cors-allow-origins",
+        default="",
+        help="origins whose web pages may call the API (e.g. http://localhost:3000), comma-separated; "
+        "default none",
+    )
     return parser
 
 
@@ -122,6 +148,31 @@ def check_exposure(host: str, share: bool, auth, insecure_no_auth: bool) -> None
             f"refusing to serve on {where} without a password: add --auth user:password "
             "(or --insecure-no-auth if you really mean it)"
         )
+
+
+def check_api_exposure(host: str, share: bool, api_auth, auth, insecure_no_auth: bool) -> None:
+    """The API's exposure rule: beyond this machine it needs --api-auth or --auth (HTTP Basic)."""
+    exposed = share or not is_loopback(host)
+    if exposed and not api_auth and not auth and not insecure_no_auth:
+        where = "a public share link" if share else f"{host} (reachable from other machines)"
+        raise StudioInputError(
+            f"refusing to serve the HTTP API on {where} without a password: add --api-auth user:password "
+            "(or --auth; or --insecure-no-auth if you really mean it)"
+        )
+
+
+def parse_origins(text: str | None) -> tuple[str, ...]:
+    """`--cors-allow-origins a,b` as a tuple of origins (scheme://host[:port]); a path or bad scheme is refused."""
+    origins = []
+    for item in (text or "").split(","):
+        item = item.strip().rstrip("/")
+        if not item:
+            continue
+        parts = urlsplit(item)
+        if item != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path):
+            raise StudioInputError(f"--cors-allow-origins {item!r} should look like http://localhost:3000")
+        origins.append(item)
+    return tuple(origins)
 
 
 def parse_size(text: str | int | None) -> int | None:
@@ -264,11 +315,20 @@ class RequestGuard:
     file_root: the folder /file= may serve (None: gradio's upload/cache folder).
     """
 
-    def __init__(self, app, allowed_hosts=("localhost",), max_upload: int | None = None, file_root: str | None = None):
+    def __init__(
+        self,
+        app,
+        allowed_hosts=("localhost",),
+        max_upload: int | None = None,
+        file_root: str | None = None,
+        cors_allow_origins=(),
+    ):
         self.app = app
         self.allowed_hosts = tuple(allowed_hosts)
         self.max_upload = max_upload
         self.file_root = file_root
+        # Origins whose pages may call the HTTP API (--cors-allow-origins); no other origin may, not even GET.
+        self.cors_allow_origins = {origin.rstrip("/").lower() for origin in cors_allow_origins}
 
     def _file_root(self) -> str:
         if self.file_root is None:
@@ -303,11 +363,29 @@ class RequestGuard:
         send = _with_headers(send, _SECURITY_HEADERS + (_FILE_HEADERS if file_match else []))
 
         # 3. A state-changing request from another site (a page in the user's browser posting here).
+        #    The HTTP API answers other sites not at all (reads included) unless --cors-allow-origins lists them.
         origin = headers.get("origin")
-        if method not in _SAFE_METHODS and origin is not None and not _same_origin(origin, host):
+        api = bool(_API_ROUTE.match(path))
+        foreign = origin is not None and not _same_origin(origin, host)
+        if api and foreign:
+            if "*" not in self.cors_allow_origins and origin.rstrip("/").lower() not in self.cors_allow_origins:
+                return await _refuse(send, 403, f"cross-origin request from {_shorten(origin)!r} refused")
+        elif method not in _SAFE_METHODS and foreign:
             return await _refuse(send, 403, f"cross-origin request from {_shorten(origin)!r} refused")
         if method != "POST":
             return await self.app(scope, receive, send)
+
+        # 4a. The HTTP API: JSON with base64 images, capped at the upload limit once encoded; never paths.
+        if api:
+            limit = api_body_limit(self.max_upload)
+            declared = headers.get("content-length", "")
+            message = f"request body larger than this server's limit of {limit} bytes (--max-upload, base64-encoded)"
+            if declared.isdigit() and int(declared) > limit:
+                return await _refuse(send, 413, message)
+            body, too_large = await _read_body(receive, limit)
+            if too_large:
+                return await _refuse(send, 413, message)
+            return await self.app(scope, _replay(body), send)
 
         # 4. Uploads: the limit holds for all the files of one request together.
         if _UPLOAD_ROUTE.match(path):
@@ -409,8 +487,11 @@ def launch_kwargs(
     max_upload: str | int | None = DEFAULT_MAX_UPLOAD,
     allowed_hosts=(),
     quiet: bool = False,
+    routes=None,
+    cors_allow_origins=(),
 ) -> dict:
-    """Everything `Blocks.launch` needs to serve the studio safely."""
+    """Everything `Blocks.launch` needs to serve the studio safely; `routes` (the HTTP API's mounts)
+    come before gradio's own."""
     from starlette.middleware import Middleware
 
     outputs = Path(settings.outputs_dir).resolve()
@@ -419,7 +500,11 @@ def launch_kwargs(
         RequestGuard,
         allowed_hosts=default_allowed_hosts(settings.host, share, allowed_hosts),
         max_upload=parse_size(max_upload),
+        cors_allow_origins=tuple(cors_allow_origins),
     )
+    app_kwargs = {"middleware": [guard], "docs_url": None, "redoc_url": None}
+    if routes:
+        app_kwargs["routes"] = list(routes)
     return {
         "server_name": settings.host,
         "server_port": settings.port,
@@ -428,7 +513,7 @@ def launch_kwargs(
         # Results are copied from here into gradio's cache, the only folder /file= serves (RequestGuard).
         "allowed_paths": [str(outputs)],
         "max_file_size": max_upload,
-        "app_kwargs": {"middleware": [guard], "docs_url": None, "redoc_url": None},
+        "app_kwargs": app_kwargs,
         "show_error": False,  # unexpected errors reach the browser as one line, never a stack trace
         "enable_monitoring": False,
         "mcp_server": False,

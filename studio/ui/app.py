@@ -101,6 +101,7 @@ def build_app(studio, settings: Settings, *, queue_size: int = server.DEFAULT_QU
             )
 
     demo.studio_ui = ui  # for main() (preload) and tests
+    demo.studio_queue_size = queue_size  # the HTTP API's bounded wait (launch(api=True))
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
     return demo
 
@@ -115,12 +116,40 @@ def launch(
     max_upload=server.DEFAULT_MAX_UPLOAD,
     allowed_hosts=(),
     quiet: bool = False,
+    api: bool = False,
+    api_auth=None,
+    cors_allow_origins=(),
 ):
-    """Serve the app as `main()` does (tests call this with block=False and a free port)."""
+    """Serve the app as `main()` does (tests call this with block=False and a free port).
+
+    api: also serve the HTTP API (/sdapi/v1, /studio/v1) on the same Studio and device lock; it takes
+    HTTP Basic with `api_auth`'s passwords, else `auth`'s (gradio's login does not cover these routes)."""
+    routes = None
+    if api:
+        from studio.api import api_routes
+
+        queue_size = getattr(demo, "studio_queue_size", server.DEFAULT_QUEUE_SIZE)
+        routes = api_routes(demo.studio_ui, queue_size=queue_size, credentials=api_auth or auth)
     options = server.launch_kwargs(
-        settings, auth=auth, share=share, max_upload=max_upload, allowed_hosts=allowed_hosts, quiet=quiet
+        settings,
+        auth=auth,
+        share=share,
+        max_upload=max_upload,
+        allowed_hosts=allowed_hosts,
+        quiet=quiet,
+        routes=routes,
+        cors_allow_origins=cors_allow_origins,
     )
-    return demo.launch(prevent_thread_lock=not block, css=CSS, **options)
+    launched = demo.launch(prevent_thread_lock=True if api else not block, css=CSS, **options)
+    if api:
+        from studio.api import ApiCors
+
+        # Outermost, around gradio's own CORS middleware: the API's CORS policy is --cors-allow-origins only.
+        app = demo.server_app
+        app.middleware_stack = ApiCors(app.middleware_stack or app.build_middleware_stack(), cors_allow_origins)
+        if block:
+            demo.block_thread()
+    return launched
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,11 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = server.settings_from_args(args)
         auth = server.parse_auth(args.auth or os.environ.get("STUDIO_AUTH"))
-        server.check_exposure(settings.host, args.share, auth, args.insecure_no_auth)
+        api_auth = server.parse_auth(args.api_auth or os.environ.get("STUDIO_API_AUTH"))
+        cors_allow_origins = server.parse_origins(args.cors_allow_origins)
+        if not args.api_only:
+            server.check_exposure(settings.host, args.share, auth, args.insecure_no_auth)
+        if args.api or args.api_only:
+            server.check_api_exposure(settings.host, args.share, api_auth, auth, args.insecure_no_auth)
         server.parse_size(args.max_upload)
     except StudioInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.api_only:
+        return serve_api_only(args, settings, api_auth or auth, cors_allow_origins)
 
     server.environ_for_offline()  # before diffusers/transformers are imported: they read it then
     from studio.core import Studio  # torch
@@ -151,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
         share=args.share,
         max_upload=args.max_upload,
         allowed_hosts=allowed_hosts,
+        api=args.api,
+        api_auth=api_auth,
+        cors_allow_origins=cors_allow_origins,
     )
     server.wait_until_ready(local_url)
     ready = server.process_age()
@@ -165,4 +204,29 @@ def main(argv: list[str] | None = None) -> int:
         demo.block_thread()
     except KeyboardInterrupt:
         pass
+    return 0
+
+
+def serve_api_only(args, settings: Settings, credentials, cors_allow_origins) -> int:
+    """`python app.py --api-only`: the HTTP API alone on uvicorn, behind RequestGuard, same exposure rules."""
+    import uvicorn
+
+    server.environ_for_offline()
+    from studio.api import api_only_app
+    from studio.core import Studio
+
+    ui = StudioUI(Studio(settings), settings)
+    allowed_hosts = [host.strip() for host in args.allowed_hosts.split(",") if host.strip()]
+    app = api_only_app(
+        ui,
+        queue_size=args.queue_size,
+        credentials=credentials,
+        allowed_hosts=server.default_allowed_hosts(settings.host, False, allowed_hosts),
+        max_upload=server.parse_size(args.max_upload),
+        cors_allow_origins=cors_allow_origins,
+    )
+    if not args.no_preload:
+        threading.Thread(target=ui.preload, name="preload", daemon=True).start()
+    print(f"HTTP API at http://{settings.host}:{settings.port}/sdapi/v1 (docs: /studio/v1/docs)", flush=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     return 0
