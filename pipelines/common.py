@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from studio.devices import default_max_output_pixels, pick_device
-from studio.models import LoadedModel, ModelManager, hub_snapshot_folder, resolve_model_ref
+from studio.models import LoadedModel, ModelManager, config_folder, resolve_model_ref
 from studio.progress import Progress
 from studio.requests import BaseRequest, StudioInputError
 from studio.schedulers import make_scheduler
@@ -127,10 +126,9 @@ def _loaded_model(models: ModelManager, reference: str | None) -> LoadedModel | 
 def _native_side_from_config(models: ModelManager, reference: str | None) -> int | None:
     """A diffusers folder's native size from its configs, without loading it; None for single files."""
     try:
-        ref = resolve_model_ref(reference, models.settings)
-        if ref.kind == "single_file":
+        folder = config_folder(resolve_model_ref(reference, models.settings))
+        if folder is None:
             return None
-        folder = hub_snapshot_folder(ref.location) if ref.kind == "hub" else Path(ref.location)
         unet = json.loads((folder / "unet" / "config.json").read_text())
         vae = json.loads((folder / "vae" / "config.json").read_text())
         return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)

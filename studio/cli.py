@@ -31,10 +31,14 @@ def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, nargs="+", help="seed of the first image, or one seed per image")
     group.add_argument("-W", "--width", type=int, help="pixels, a multiple of 8 (default: the model's)")
     group.add_argument("-H", "--height", type=int, help="pixels, a multiple of 8 (default: the model's)")
-    group.add_argument("--steps", dest="num_inference_steps", type=int, default=25, help="denoising steps")
-    group.add_argument("--guidance-scale", "--cfg", dest="guidance_scale", type=float, default=7.0)
+    group.add_argument(
+        "--steps", dest="num_inference_steps", type=int, help="denoising steps (default: the model's recommendation, or 25)"
+    )
+    group.add_argument(
+        "--guidance-scale", "--cfg", dest="guidance_scale", type=float, help="CFG (default: the model's recommendation, or 7)"
+    )
     group.add_argument("--scheduler", choices=SCHEDULER_NAMES, metavar="NAME", help=", ".join(SCHEDULER_NAMES))
-    group.add_argument("-b", "--batch-size", type=int, default=1, help="images to make")
+    group.add_argument("-b", "--batch-size", type=int, help="images to make (default 1)")
 
 
 def _add_task_arguments(parser: argparse.ArgumentParser, task) -> None:
@@ -184,10 +188,7 @@ def cmd_render(args) -> int:
         for name in args.tasks.get(args.task).request_type.model_fields
         if name not in BaseRequest.model_fields and name != "task" and getattr(args, name, None) is not None
     }
-    request = args.tasks.make_request(
-        args.task,
-        **task_fields,
-        prompt=args.prompt,
+    given = dict(
         negative_prompt=args.negative_prompt,
         seed=seed,
         width=args.width,
@@ -195,9 +196,12 @@ def cmd_render(args) -> int:
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
         scheduler=args.scheduler,
-        batch_size=args.batch_size if not isinstance(seed, list) else len(seed),
+        batch_size=len(seed) if isinstance(seed, list) else args.batch_size,
         model=args.model,
     )
+    # Only what was given: a field left unset takes the model's recommendation (studio.recommended).
+    given = {name: value for name, value in given.items() if value is not None}
+    request = args.tasks.make_request(args.task, **task_fields, **given, prompt=args.prompt)
     settings = _settings(args)
     names = _names_known_now(args.output, request) if args.output else None
     if names is not None:
@@ -210,6 +214,8 @@ def cmd_render(args) -> int:
     finally:
         progress.close()
     target = args.output or _free_default_target(settings.outputs_dir, result.seeds)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
     _print_warnings(result.warnings)
     for path, seed in zip(_save(result, target, args.overwrite), result.seeds):
         print(f"{path}  (seed {seed})")

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from .images import image_sha256, open_image
 from .metadata import ImageRecord, environment_fingerprint, png_bytes, read_record
-from .models import ModelManager
+from .models import ModelManager, config_folder, resolve_model_ref
 from .outputs import atomic_write_bytes, atomic_write_new
 from .progress import Progress
+from .recommended import apply_recommendations, recommendations_for
 from .requests import (
     MAX_SEED,
     BaseRequest,
@@ -41,6 +42,7 @@ class Result:
     records: list[ImageRecord]
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0  # wall time of the render, model loading included
+    notes: list[str] = field(default_factory=list)  # what the studio chose for the user (recommended settings)
 
     @property
     def seeds(self) -> list[int]:
@@ -122,6 +124,9 @@ class Studio:
         started = time.perf_counter()
         context = TaskContext(settings=self.settings, models=self.models, progress=progress or Progress())
 
+        # 0. the model's recommended settings for the fields the request leaves unset
+        request, notes = self.recommend(request)
+
         # 1. check inputs: the task's own checks, every input image and the output size, before any model
         # is loaded; the job's time limit counts from here (not from when it was queued)
         context.progress.start_deadline(self.settings.job_time_limit)
@@ -154,7 +159,20 @@ class Studio:
             )
             for index, seed in enumerate(seeds)
         ]
-        return Result(recorded, images, records, context.warnings, time.perf_counter() - started)
+        return Result(recorded, images, records, context.warnings, time.perf_counter() - started, notes)
+
+    def recommend(self, request: BaseRequest) -> tuple[BaseRequest, list[str]]:
+        """The request with its model's recommended value for each field it leaves unset (studio.recommended)."""
+        try:
+            ref = resolve_model_ref(request.model, self.settings)
+        except StudioInputError:  # a bad model reference is reported after the request's own checks
+            return request, []
+        recommendations = recommendations_for(config_folder(ref), ref.name)
+        request, used = apply_recommendations(request, recommendations)
+        if not used:
+            return request, []
+        values = ", ".join(f"{name} {value}" for name, value in used.items())
+        return request, [f"model {ref.name!r} recommends ({recommendations.source}): {values}"]
 
     def load_inputs(self, request: BaseRequest) -> tuple[dict, dict]:
         """Open every input image of the request (paths or PIL images) and hash it."""

@@ -87,6 +87,19 @@ def resolve_model_ref(reference: str | None, settings: Settings) -> ModelRef:
     raise ModelError(f"model {reference!r} is neither a local folder, a checkpoint file nor a hub id")
 
 
+def config_folder(ref: ModelRef) -> Path | None:
+    """The diffusers folder whose configs describe a model, read without loading it; None for a single
+    file or a hub id that is not cached."""
+    if ref.kind == "single_file":
+        return None
+    if ref.kind == "hub":
+        try:
+            return hub_snapshot_folder(ref.location)
+        except ModelError:
+            return None
+    return Path(ref.location)
+
+
 def hub_snapshot_folder(repo_id: str) -> Path:
     """The cached snapshot of a hub model; a clear error (no network, no wait) when it is not cached."""
     from huggingface_hub import try_to_load_from_cache
