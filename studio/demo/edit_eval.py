@@ -578,7 +578,7 @@ def format_report(report: dict) -> str:
         )
     ]
     if settings["at_defaults"]:
-        lines.append("requests set only prompt, images and seed: every other field is the request schema's default")
+        lines.append("requests set only prompt, images and seed: every other field is the user's default (the model's recommendation, else the schema's)")
     else:
         shown = ", ".join(f"{k}={v}" for k, v in settings["overrides"].items())
         lines.append(f"NOT AT THE DEFAULTS: overrides {shown}")

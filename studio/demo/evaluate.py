@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from studio import Settings, Studio
+    from studio.console import quiet_libraries
     from studio.demo import shapes_eval, world
     from studio.settings import EMBEDDED_MODEL_DIR
 
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if guidance is None:
         training = EMBEDDED_MODEL_DIR / "training.json"
         guidance = json.loads(training.read_text()).get("guidance", 5.0) if training.is_file() else 5.0
+    quiet_libraries()
     studio = Studio(Settings(model=args.model))
     scenes = world.eval_scenes(args.prompts)
     images = []
@@ -111,7 +113,9 @@ def edit_eval_main(args, parser) -> int:
     from tqdm import tqdm
 
     from studio import Settings, Studio
+    from studio.console import quiet_libraries
 
+    quiet_libraries()
     studio = Studio(Settings(model=args.model))
     bar = tqdm(total=len(tasks) * args.scenes, desc="editing", unit="image")
 
