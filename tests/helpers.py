@@ -1,5 +1,6 @@
 """Small helpers shared by the task tests."""
 
+import contextlib
 import hashlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -40,3 +41,31 @@ def client_for(url, tmp_path):
     from gradio_client import Client
 
     return Client(url, verbose=False, download_files=str(tmp_path), analytics_enabled=False)
+
+
+@contextlib.contextmanager
+def counting_http_server():
+    """A server on loopback that redirects to a link-local address, recording every request it gets:
+    yields (a URL on it, the list of paths requested). The studio must never fetch it."""
+    import http.server
+    import threading
+
+    hits = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the handler's API
+            hits.append(self.path)
+            self.send_response(302)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/x.png", hits
+    finally:
+        server.shutdown()
+        server.server_close()

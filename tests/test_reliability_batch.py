@@ -14,6 +14,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from helpers import counting_http_server as loopback_server
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -515,9 +516,7 @@ def test_fuzz_run_batch_never_stops_early(specs):
 
 # == reliability-cases.md, case by case: attacks no test above sends =================================
 
-import http.server  # noqa: E402
 import struct  # noqa: E402
-import threading  # noqa: E402
 import zlib  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -701,31 +700,13 @@ def test_case_12_odd_image_modes_and_masks_are_normalised(studio, tmp_path):
 
 
 def test_case_9_image_urls_are_never_fetched(studio, tmp_path):
-    hits = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the handler's API
-            hits.append(self.path)
-            self.send_response(302)
-            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/x.png"
+    with loopback_server() as (url, hits):
         Image.new("RGB", (64, 64), "gray").save(tmp_path / "in.png")
         urls = [url, "http://169.254.169.254/latest/meta-data/", "http://[::1]/x.png", "file:///etc/passwd",
                 "//127.0.0.1/x.png"]
         lines = [{**STYLE, "prompt": "x", "image": value} for value in urls]
         lines.append({**STYLE, "prompt": "x", "image": "in.png", "reference_image": url})
         summary = run_batch(studio, write_jobs(tmp_path / "jobs.jsonl", lines), tmp_path / "out")
-    finally:
-        server.shutdown()
-        server.server_close()
     assert sorted(summary.failed) == list(range(1, 7)) and hits == []
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import counting_http_server as loopback_server
 import torch
 from hypothesis import event, given
 from hypothesis import strategies as st
@@ -515,8 +516,6 @@ def test_png_text_is_read_without_decoding_the_pixels(tmp_path, monkeypatch):
 
 # == reliability-cases.md, case by case: attacks no test above sends =================================
 
-import http.server  # noqa: E402
-import threading  # noqa: E402
 
 from studio.requests import MAX_PROMPT_CHARS  # noqa: E402
 
@@ -606,24 +605,8 @@ def test_case_5_python_api_refuses_remote_code_options_before_loading(sd15_folde
 
 @pytest.fixture(scope="module")
 def counting_http_server():
-    """A server on loopback that redirects to a link-local address, recording every request it gets."""
-    hits = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the handler's API
-            hits.append(self.path)
-            self.send_response(302)
-            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/x.png", hits
-    server.shutdown()
-    server.server_close()
+    with loopback_server() as (url, hits):
+        yield url, hits
 
 
 def test_case_6_8_9_12_unusable_images_are_one_line_errors_before_any_model_load(

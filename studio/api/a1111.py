@@ -26,7 +26,6 @@ from PIL import ImageOps
 from pydantic import BaseModel, ConfigDict, Field
 
 from studio.metadata import PARAMETERS_KEY, a1111_parameters
-from studio.progress import JobTimedOut
 from studio.requests import MAX_SEED, StudioInputError
 from studio.schedulers import SCHEDULERS
 
@@ -34,11 +33,8 @@ from .common import (
     decode_base64,
     decode_image,
     encode_png,
-    error_response,
-    field_of,
-    first_line,
+    run_job,
 )
-from .jobs import QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -489,21 +485,7 @@ def build_a1111_app(ui, gate, dependencies=()) -> FastAPI:
     def guarded(work):
         """Run `work` (sync, maybe long) in a thread; studio errors become JSON answers."""
 
-        async def call():
-            try:
-                return await run_in_threadpool(work)
-            except StudioInputError as error:
-                message = rename_fields(str(error))
-                return error_response(422, "StudioInputError", message, field=field_of(message))
-            except QueueFull as error:
-                return error_response(503, "queue full", str(error))
-            except JobTimedOut as error:
-                return error_response(504, "JobTimedOut", first_line(error))
-            except (RuntimeError, ValueError, OSError) as error:
-                log.warning("API render failed: %s", first_line(error))
-                return error_response(500, type(error).__name__, first_line(error))
-
-        return call()
+        return run_job(work, rename_fields)
 
     @app.post("/txt2img", summary="text to image (A1111)")
     async def txt2img(body: Txt2ImgBody):

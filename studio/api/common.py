@@ -142,3 +142,26 @@ class ApiCors:
             await send(message)
 
         return await self.app(scope, receive, wrapped)
+
+
+async def run_job(work, rename=lambda message: message):
+    """Run `work` (sync, maybe long) in a thread; studio errors become JSON answers (422 naming the field,
+    503 queue full, 504 timed out, 500 a failed render). `rename`: field names as the client knows them."""
+    from starlette.concurrency import run_in_threadpool
+
+    from studio.progress import JobTimedOut
+
+    from .jobs import QueueFull
+
+    try:
+        return await run_in_threadpool(work)
+    except StudioInputError as error:
+        message = rename(str(error))
+        return error_response(422, "StudioInputError", message, field=field_of(message))
+    except QueueFull as error:
+        return error_response(503, "queue full", str(error))
+    except JobTimedOut as error:
+        return error_response(504, "JobTimedOut", first_line(error))
+    except (RuntimeError, ValueError, OSError) as error:
+        log.warning("API render failed: %s", first_line(error))
+        return error_response(500, type(error).__name__, first_line(error))

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated, Any
 
 from fastapi import Body, FastAPI
-from fastapi.concurrency import run_in_threadpool
 
 from studio.metadata import a1111_parameters, request_to_json
-from studio.progress import JobTimedOut
 from studio.requests import StudioInputError
 
-from .common import decode_image, encode_png, error_response, field_of, first_line
-from .jobs import QueueFull
+from .common import decode_image, encode_png, run_job
 
-log = logging.getLogger(__name__)
 
 EXAMPLE = {"task": "text_to_image", "prompt": "a large red circle on a white background", "seed": 1,
            "num_inference_steps": 20}
@@ -78,18 +73,7 @@ def build_studio_app(ui, gate, dependencies=()) -> FastAPI:
                 "interrupted": False,
             }
 
-        try:
-            return await run_in_threadpool(work)
-        except StudioInputError as error:
-            message = str(error)
-            return error_response(422, "StudioInputError", message, field=field_of(message))
-        except QueueFull as error:
-            return error_response(503, "queue full", str(error))
-        except JobTimedOut as error:
-            return error_response(504, "JobTimedOut", first_line(error))
-        except (RuntimeError, ValueError, OSError) as error:
-            log.warning("API render failed: %s", first_line(error))
-            return error_response(500, type(error).__name__, first_line(error))
+        return await run_job(work)
 
     @app.get("/tasks", summary="the tasks /run accepts, with their request schemas")
     async def tasks_list():
