@@ -262,7 +262,7 @@ def _one_line(text: str) -> str:
 # -- the manifest -----------------------------------------------------------------------------------
 
 
-def _read_manifest(path: Path) -> dict[str, dict]:
+def read_manifest(path: Path) -> dict[str, dict]:
     """Job id -> last recorded entry. A torn last line (killed while appending) is ignored."""
     entries: dict[str, dict] = {}
     if path.is_file():
@@ -317,7 +317,7 @@ def run_batch(
         remove_stale_temp_files(folder)
     jobs = read_jobs(jobs_path, studio.settings.max_batch_lines, allowed_models, getattr(studio, "tasks", None))
     manifest_path = root / MANIFEST_NAME
-    manifest = _read_manifest(manifest_path)
+    manifest = read_manifest(manifest_path)
     summary = BatchSummary()
     report = on_job or (lambda job, status, detail: None)
 

@@ -23,6 +23,7 @@ from fastapi.testclient import TestClient
 
 from studio.api import JobGate, api_only_app
 from studio.api.a1111 import parse_infotext, sampler_to_studio
+from studio.metadata import read_record
 from studio.progress import GenerationCancelled
 from studio.requests import StudioInputError
 from studio.server import api_body_limit, check_api_exposure, parse_origins
@@ -447,3 +448,62 @@ def test_webuiapi_drives_the_served_app(studio, tmp_path):
         assert foreign.status_code == 403 and "access-control-allow-origin" not in foreign.headers
     finally:
         demo.close()
+
+
+# -- /studio/v1/batch: submitted over HTTP, run in the background, resumable from its manifest -------------
+
+
+def _wait_for_batch(client, batch_id, timeout=60.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        state = client.get(f"/studio/v1/batch/{batch_id}").json()
+        if state["state"] == "done" or time.monotonic() > deadline:
+            return state
+        time.sleep(0.1)
+
+
+def test_a_batch_runs_in_the_background_and_reports_each_job(studio, tmp_path):
+    ui = make_ui(studio, tmp_path)
+    client = make_client(ui)
+    scene = b64_png(Image.new("RGB", (64, 64), "gray"))
+    jobs = [
+        {"prompt": "a red circle", "seed": 1, "num_inference_steps": 1},
+        {"prompt": "x", "num_inference_steps": 0},  # a bad line fails alone
+        {"task": "style_transfer", "prompt": "striped", "image": scene, "num_inference_steps": 2, "seed": 2},
+    ]
+    submitted = client.post("/studio/v1/batch", json={"jobs": jobs})
+    assert submitted.status_code == 200, submitted.text
+    state = _wait_for_batch(client, submitted.json()["id"])
+    assert (state["state"], state["jobs"], state["done"], state["left"]) == ("done", 3, 2, 0)
+    assert list(state["failed"]) == ["2"] and "num_inference_steps" in state["failed"]["2"]
+    folder = ui.outputs / "api-batches" / state["id"] / "out"
+    assert [read_record(folder / name).request.task for name in state["outputs"]] == ["text_to_image", "style_transfer"]
+
+
+def test_a_batch_resumes_from_its_manifest_after_a_restart(studio, tmp_path):
+    ui = make_ui(studio, tmp_path)
+    first = make_client(ui)
+    jobs = [{"prompt": "a red circle", "seed": seed, "num_inference_steps": 1} for seed in (1, 2)]
+    state = _wait_for_batch(first, first.post("/studio/v1/batch", json={"jobs": jobs}).json()["id"])
+    out = ui.outputs / "api-batches" / state["id"] / "out"
+    kept = out / state["outputs"][0]
+    lost = out / state["outputs"][1]
+    before = kept.stat().st_mtime_ns
+    lost.unlink()  # as if the server died before this job was written
+    manifest = out / "manifest.jsonl"
+    manifest.write_text("".join(line + "\n" for line in manifest.read_text().splitlines() if lost.name not in line))
+    restarted = make_client(ui)  # a new server: it knows the batch only from its folder
+    state = _wait_for_batch(restarted, state["id"])
+    assert (state["done"], state["left"]) == (2, 0) and lost.is_file()
+    assert kept.stat().st_mtime_ns == before  # the finished file was not rewritten
+
+
+def test_bad_batches_are_refused_before_anything_runs(api):
+    assert api.post("/studio/v1/batch", json={"jobs": []}).status_code == 422
+    bad_image = api.post("/studio/v1/batch", json={"jobs": [{"task": "style_transfer", "image": "not base64!"}]})
+    assert bad_image.status_code == 422 and "jobs[0].image" in bad_image.text
+    for batch_id in ["../../etc", "0123456789ab", "x" * 300]:
+        response = api.get(f"/studio/v1/batch/{batch_id}")
+        assert response.status_code == 404 and len(response.text) < 300

@@ -1,4 +1,5 @@
-"""The studio's own HTTP API: POST /studio/v1/run takes one studio request of any registered task."""
+"""The studio's own HTTP API: POST /studio/v1/run takes one studio request of any registered task;
+POST /studio/v1/batch and GET /studio/v1/batch/{id} run many in the background (studio.api.batches)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from typing import Annotated, Any
 from fastapi import Body, FastAPI
 
 from studio.metadata import a1111_parameters, request_to_json
-from studio.requests import StudioInputError
+from studio.requests import StudioInputError, quote
 
-from .common import decode_image, encode_png, run_job
+from .batches import Batches
+from .common import decode_image, encode_png, error_response, run_job
 
 
 EXAMPLE = {"task": "text_to_image", "prompt": "a large red circle on a white background", "seed": 1,
@@ -74,6 +76,19 @@ def build_studio_app(ui, gate, dependencies=()) -> FastAPI:
             }
 
         return await run_job(work)
+
+    batches = Batches(ui)
+
+    @app.post("/batch", summary="submit a batch: {'jobs': [studio requests]}, images as base64; runs in the background")
+    async def batch_submit(body: Annotated[dict[str, Any], Body(examples=[{"jobs": [EXAMPLE]}])]):
+        return await run_job(lambda: batches.submit(body.get("jobs")))
+
+    @app.get("/batch/{batch_id}", summary="a batch's jobs done, failed and left, and its output files")
+    async def batch_state(batch_id: str):
+        try:
+            return batches.state(batch_id)
+        except KeyError:
+            return error_response(404, "not found", f"no batch {quote(batch_id)}")
 
     @app.get("/tasks", summary="the tasks /run accepts, with their request schemas")
     async def tasks_list():
