@@ -127,8 +127,8 @@ def check_model_folder(folder: Path, reference: str, allow_pickle: bool) -> dict
                 f"model {reference!r} has a malformed model_index.json entry for {component!r}: {quote(spec)} "
                 "(expected [library, class name])"
             )
-        library, _ = spec
-        if library not in TRUSTED_LIBRARIES:
+        library, class_name = spec
+        if library not in TRUSTED_LIBRARIES and not _diffusers_pipeline_class(library, class_name):
             raise ModelError(
                 f"model {reference!r} component {component!r} comes from {library!r} (remote code), which is refused"
             )
@@ -140,6 +140,27 @@ def check_model_folder(folder: Path, reference: str, allow_pickle: bool) -> dict
             "convert them to .safetensors, or opt in with --allow-pickle (loaded with weights_only)"
         )
     return index
+
+
+def _diffusers_pipeline_class(library: str, class_name: str | None) -> bool:
+    """Whether [library, class] names a class of diffusers' own pipeline modules, as published SD folders do
+    (`"safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"]`): installed code, not the model's."""
+    import importlib
+
+    if not library.isidentifier() or not class_name:
+        return False
+    try:
+        module = importlib.import_module(f"diffusers.pipelines.{library}")
+    except ImportError:
+        return False
+    return isinstance(getattr(module, class_name, None), type)
+
+
+def fp16_only_variant(folder: Path) -> str | None:
+    """"fp16" when the folder's weights exist only as `*.fp16.safetensors` (as some hub repos publish them)."""
+    weights = list(folder.glob("*/*.safetensors"))
+    variants = [path for path in weights if path.name.endswith(".fp16.safetensors")]
+    return "fp16" if variants and len(variants) == len(weights) else None
 
 
 def _read_model_index(folder: Path, reference: str) -> dict:
@@ -218,7 +239,14 @@ def load_base_pipeline(ref: ModelRef, settings: Settings, dtype: torch.dtype):
     index = check_model_folder(folder, ref.name, settings.allow_pickle)
     extra = {}
     if "safety_checker" in index:
+        # The studio never loads the safety checker (nor the feature extractor that only feeds it).
         extra.update(safety_checker=None, requires_safety_checker=False)
+    if "feature_extractor" in index:
+        extra.update(feature_extractor=None)
+    variant = fp16_only_variant(folder)
+    if variant:
+        log.warning("model %s has only %s variant weights (*.%s.safetensors): loading those", ref.name, variant, variant)
+        extra.update(variant=variant)
     try:
         return DiffusionPipeline.from_pretrained(
             folder,

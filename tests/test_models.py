@@ -52,6 +52,39 @@ def test_folder_needing_remote_code_is_refused(sd15_folder, tmp_path):
         ModelManager(Settings()).get(str(folder))
 
 
+def test_a_hub_layout_folder_with_its_safety_checker_entry_loads(studio, sd15_folder, tmp_path):
+    """Issue 17: SD 1.x as published names diffusers' own safety checker class; that is no remote code."""
+    folder = _copy(sd15_folder, tmp_path, "hub-layout")
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(
+        safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+        feature_extractor=["transformers", "CLIPImageProcessor"],
+        requires_safety_checker=True,
+    )
+    (folder / "model_index.json").write_text(json.dumps(index))
+    loaded = ModelManager(Settings()).get(str(folder))
+    assert loaded.pipe.safety_checker is None  # never loaded
+    for library in (["stable_diffusion", "NoSuchClass"], ["stable_diffusion_x", "StableDiffusionSafetyChecker"],
+                    ["os.path", "join"]):
+        index["safety_checker"] = library
+        (folder / "model_index.json").write_text(json.dumps(index))
+        with pytest.raises(ModelError, match="remote code"):
+            ModelManager(Settings()).get(str(folder))
+
+
+def test_a_folder_of_fp16_variant_files_only_loads_that_variant(studio, sd15_folder, tmp_path, caplog):
+    """Issue 17: some hub repos hold only *.fp16.safetensors; diffusers alone would say no file was found."""
+    folder = _copy(sd15_folder, tmp_path, "fp16-only")
+    for weights in folder.glob("*/*.safetensors"):
+        weights.rename(weights.with_name(weights.name.replace(".safetensors", ".fp16.safetensors")))
+    from studio import Studio
+
+    variant = Studio(Settings(model=str(folder))).text_to_image("a red circle", seed=3, num_inference_steps=2)
+    plain = Studio(Settings(model=str(sd15_folder))).text_to_image("a red circle", seed=3, num_inference_steps=2)
+    assert np.array_equal(np.asarray(variant.images[0]), np.asarray(plain.images[0]))  # the same weights
+    assert "fp16 variant" in caplog.text
+
+
 def test_folder_with_only_pickle_weights_is_refused(sd15_folder, tmp_path):
     folder = _copy(sd15_folder, tmp_path, "pickled")
     for weights in folder.glob("*/*.safetensors"):
