@@ -12,6 +12,7 @@ from the loaded base with `from_pipe`, so every task shares one set of weights.
 
 from __future__ import annotations
 
+import functools
 import gc
 import hashlib
 import json
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from .devices import apply_memory_options, pick_device, pick_dtype
+from .outputs import atomic_write_bytes
 from .requests import StudioInputError, quote
 from .settings import EMBEDDED_MODEL_DIR, Settings
 from .single_file import torch_load_reason
@@ -196,8 +198,11 @@ def check_checkpoint_file(ref: ModelRef, allow_pickle: bool) -> None:
         raise ModelError(f"checkpoint {ref.location!r} is neither safetensors nor a torch checkpoint")
 
 
-def weights_hash(ref: ModelRef) -> str:
-    """A1111-style short model hash: SHA-256 of the checkpoint file, or of a folder's weight files."""
+def weights_hash(ref: ModelRef, cache: Path | None = None) -> str:
+    """A1111-style short model hash: SHA-256 of the checkpoint file, or of a folder's weight files.
+    `cache`: a JSON file of earlier hashes by path, size and mtime (a file unchanged is not read again)."""
+    known = _read_hash_cache(cache)
+    sha256 = functools.partial(_cached_sha256, known)
     digest = hashlib.sha256()
     if ref.kind == "single_file":
         files = [Path(ref.location)]
@@ -205,10 +210,43 @@ def weights_hash(ref: ModelRef) -> str:
         folder = Path(ref.location) if ref.kind != "hub" else hub_snapshot_folder(ref.location)
         files = sorted(p for p in folder.glob("*/*") if p.suffix in (".safetensors", ".bin"))
     if len(files) == 1:  # one file: the hash A1111 shows for it
-        return _file_sha256(files[0])[:10]
-    for path in files:
-        digest.update(path.parent.name.encode() + b"/" + path.name.encode() + _file_sha256(path).encode())
-    return digest.hexdigest()[:10]
+        short = sha256(files[0])[:10]
+    else:
+        for path in files:
+            digest.update(path.parent.name.encode() + b"/" + path.name.encode() + sha256(path).encode())
+        short = digest.hexdigest()[:10]
+    _write_hash_cache(cache, known)
+    return short
+
+
+def _cached_sha256(known: dict, path: Path) -> str:
+    stat = path.stat()
+    key = str(path.resolve())
+    entry = known.get(key)
+    if isinstance(entry, dict) and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
+        return entry["sha256"]
+    sha256 = _file_sha256(path)
+    known[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": sha256}
+    return sha256
+
+
+def _read_hash_cache(cache: Path | None) -> dict:
+    if cache is None:
+        return {}
+    try:
+        known = json.loads(Path(cache).read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none yet, or damaged: hash again
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _write_hash_cache(cache: Path | None, known: dict) -> None:
+    if cache is None or not known:
+        return
+    try:
+        atomic_write_bytes(Path(cache), json.dumps(known, sort_keys=True).encode())
+    except OSError as error:  # a read-only home: hashing again next time is all it costs
+        log.info("could not write the hash cache %s: %s", cache, error)
 
 
 def _file_sha256(path: Path) -> str:
@@ -286,7 +324,7 @@ class ModelManager:
         pipe = load_base_pipeline(ref, self.settings, dtype)
         pipe.set_progress_bar_config(disable=True)
         apply_memory_options(pipe, device, self.settings)
-        loaded = LoadedModel(ref, pipe, device, dtype, weights_hash(ref))
+        loaded = LoadedModel(ref, pipe, device, dtype, weights_hash(ref, self.settings.hash_cache))
         self._loaded[ref] = loaded
         return loaded
 

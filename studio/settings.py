@@ -25,6 +25,11 @@ def _embedded_model_dir() -> Path:
 
 
 EMBEDDED_MODEL_DIR = _embedded_model_dir()
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/studio, else ~/.cache/studio (read when Settings are made, not at import)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "studio"
 # Configs and tokenizer files for loading single-file SD checkpoints offline.
 CONFIGS_DIR = PACKAGE_DIR / "configs"
 
@@ -76,6 +81,8 @@ class Settings:
     job_time_limit: float | None = None  # seconds a job may run (the queue wait not counted); None: no limit
     host: str = "127.0.0.1"  # the UI/API server's bind address
     port: int = 7860  # the UI/API server's port
+    # SHA-256 of model files by path, size and mtime, so a file is read for hashing once (A1111's cache.json)
+    hash_cache: Path | None = field(default_factory=lambda: default_cache_dir() / "hashes.json")
     add_ons: AddOns = field(default_factory=AddOns)  # ControlNet, T2I-Adapter, IP-Adapter weights beside the model
 
     @classmethod

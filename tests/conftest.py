@@ -1,12 +1,15 @@
 """Shared fixtures: tiny models built in code, offline."""
 
 import os
+import tempfile
 import sys
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The model-hash cache (Settings.hash_cache) of this test run only, not the user's.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="studio-test-cache-")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import save_sd15, save_sdxl  # noqa: E402

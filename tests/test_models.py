@@ -152,3 +152,23 @@ def test_studio_refuses_a_malicious_pickle_before_loading(tmp_path, name):
         Studio(Settings(allow_pickle=True)).text_to_image("x", model=str(tmp_path / name), num_inference_steps=1)
     assert not marker.exists()
     assert studio.models.loaded_models() == []
+
+
+def test_a_model_file_is_hashed_once_while_it_is_unchanged(sd15_folder, tmp_path, monkeypatch):
+    """Issue 20: the hash is cached by path, size and mtime (A1111's cache.json), not re-read on every load."""
+    import studio.models as models
+
+    reads = []
+    real = models._file_sha256
+    monkeypatch.setattr(models, "_file_sha256", lambda path: reads.append(path) or real(path))
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"weights" * 1000)
+    ref, cache = resolve_model_ref(str(checkpoint), Settings()), tmp_path / "cache" / "hashes.json"
+    first = models.weights_hash(ref, cache)
+    assert models.weights_hash(ref, cache) == first and len(reads) == 1  # the second time from the cache
+    checkpoint.write_bytes(b"other weights" * 1000)  # changed: hashed again
+    assert models.weights_hash(ref, cache) != first and len(reads) == 2
+    cache.write_text("{damaged")
+    assert models.weights_hash(ref, cache) and len(reads) == 3  # a damaged cache only costs a rehash
+    folder_hash = models.weights_hash(resolve_model_ref(str(sd15_folder), Settings()), cache)
+    assert models.weights_hash(resolve_model_ref(str(sd15_folder), Settings()), cache) == folder_hash
