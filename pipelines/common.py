@@ -53,19 +53,27 @@ def sampling_kwargs(request: BaseRequest, seeds: list[int]) -> dict:
     )
 
 
-def fresh_scheduler(loaded: LoadedModel, name: str | None):
-    """The requested sampler (or, for None, a copy of the model's own) as a new object for one derived pipeline."""
+def fresh_scheduler(loaded: LoadedModel, name: str | None, prediction_type: str | None = None):
+    """The requested sampler (or, for None, a copy of the model's own) as a new object for one derived pipeline;
+    `prediction_type` overrides what the model's config says its UNet predicts."""
+    config = dict(loaded.pipe.scheduler.config)
+    if prediction_type is not None:
+        config["prediction_type"] = prediction_type
     if name is not None:
-        return make_scheduler(name, loaded.pipe.scheduler.config)
-    return type(loaded.pipe.scheduler).from_config(loaded.pipe.scheduler.config)
+        return make_scheduler(name, config)
+    return type(loaded.pipe.scheduler).from_config(config)
 
 
-def with_scheduler(context: TaskContext, loaded: LoadedModel, pipe, scheduler_name: str | None, **components):
-    """The pipeline with the requested sampler, as a new pipeline object (with `components`, as `pipe` has
-    them): the cached one is never changed. None: `pipe` itself, sharing the model's sampler."""
-    if scheduler_name is None:
+def with_scheduler(
+    context: TaskContext, loaded: LoadedModel, pipe, scheduler_name: str | None, prediction_type=None, **components
+):
+    """The pipeline with the requested sampler (and prediction type), as a new pipeline object (with
+    `components`, as `pipe` has them): the cached one is never changed. Neither asked for: `pipe` itself."""
+    if prediction_type == loaded.pipe.scheduler.config.get("prediction_type", "epsilon"):
+        prediction_type = None  # what the model says already
+    if scheduler_name is None and prediction_type is None:
         return pipe
-    scheduler = fresh_scheduler(loaded, scheduler_name)
+    scheduler = fresh_scheduler(loaded, scheduler_name, prediction_type)
     return context.models.derive(loaded, type(pipe), scheduler=scheduler, **components)
 
 

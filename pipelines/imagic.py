@@ -238,7 +238,7 @@ def run(request: ImagicRequest, context: TaskContext, seeds: list[int], plan=Non
         for name in target
     }
     unet = state.unet if state.unet is not None else base.unet
-    pipe = context.models.derive(loaded, type(base), unet=unet, scheduler=fresh_scheduler(loaded, request.scheduler))
+    pipe = context.models.derive(loaded, type(base), unet=unet, scheduler=fresh_scheduler(loaded, request.scheduler, request.prediction_type))
     context.progress.raise_if_cancelled()
     output = pipe(
         width=width,

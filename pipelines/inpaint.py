@@ -182,7 +182,7 @@ def run(request: InpaintRequest, context: TaskContext, seeds: list[int], plan=No
     # 2. load the model (cached) and derive its inpainting pipeline (9-channel UNet or latent blending)
     loaded = context.models.get(request.model)
     pipe = context.models.derive(loaded, _pipeline_class(loaded))
-    pipe = with_scheduler(context, loaded, pipe, request.scheduler)
+    pipe = with_scheduler(context, loaded, pipe, request.scheduler, request.prediction_type)
     factor = pipe.vae_scale_factor
     warn_if_truncated(pipe, request.prompt, context)
     warn_if_truncated(pipe, request.negative_prompt, context, "negative_prompt")

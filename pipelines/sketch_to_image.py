@@ -283,10 +283,9 @@ def check_inputs(request: SketchToImageRequest, context: TaskContext) -> tuple:
     return method, conditioner
 
 
-def _derived(
-    context: TaskContext, loaded, pipeline_class, scheduler_name: str | None, cache_key: str | None = None, **components
-):
-    """A pipeline of `pipeline_class` sharing the loaded weights, plus `components` (cached per key)."""
+def _derived(context: TaskContext, loaded, pipeline_class, request, cache_key: str | None = None, **components):
+    """A pipeline of `pipeline_class` sharing the loaded weights, plus `components` (cached per key), with the
+    request's sampler and prediction type."""
     from .common import with_scheduler
 
     if components and cache_key:
@@ -298,7 +297,7 @@ def _derived(
         components = {name: getattr(pipe, name) for name in components}
     else:
         pipe = context.models.derive(loaded, pipeline_class, **components)
-    return with_scheduler(context, loaded, pipe, scheduler_name, **components)
+    return with_scheduler(context, loaded, pipe, request.scheduler, request.prediction_type, **components)
 
 
 def _load_component(conditioner: Conditioner, loaded, context: TaskContext):
@@ -348,9 +347,7 @@ def run(request: SketchToImageRequest, context: TaskContext, seeds: list[int], p
         )
         cached = loaded.pipelines.get(f"{pipeline_class.__name__}[{conditioner.folder}]")
         controlnet = cached.controlnet if cached is not None else _load_component(conditioner, loaded, context)
-        pipe = _derived(
-            context, loaded, pipeline_class, request.scheduler, str(conditioner.folder), controlnet=controlnet
-        )
+        pipe = _derived(context, loaded, pipeline_class, request, str(conditioner.folder), controlnet=controlnet)
         kwargs = dict(
             image=control_image(sketch, conditioner.polarity, (width, height)),
             width=width,
@@ -366,7 +363,7 @@ def run(request: SketchToImageRequest, context: TaskContext, seeds: list[int], p
         )
         cached = loaded.pipelines.get(f"{pipeline_class.__name__}[{conditioner.folder}]")
         adapter = cached.adapter if cached is not None else _load_component(conditioner, loaded, context)
-        pipe = _derived(context, loaded, pipeline_class, request.scheduler, str(conditioner.folder), adapter=adapter)
+        pipe = _derived(context, loaded, pipeline_class, request, str(conditioner.folder), adapter=adapter)
         kwargs = dict(
             image=control_image(sketch, conditioner.polarity, (width, height), channels=adapter.config.in_channels),
             width=width,
@@ -386,7 +383,7 @@ def run(request: SketchToImageRequest, context: TaskContext, seeds: list[int], p
         pipeline_class = (
             diffusers.StableDiffusionXLImg2ImgPipeline if sdxl else diffusers.StableDiffusionImg2ImgPipeline
         )
-        pipe = _derived(context, loaded, pipeline_class, request.scheduler)
+        pipe = _derived(context, loaded, pipeline_class, request)
         steps = effective_steps(request.num_inference_steps, request.strength)
         kwargs = dict(
             image=flatten_sketch(sketch).resize((width, height), Image.LANCZOS),

@@ -170,7 +170,7 @@ def run(request: StyleTransferRequest, context: TaskContext, seeds: list[int], p
     loaded = context.models.get(request.model)
     check_standard_unet(loaded, "style_transfer")
     pipeline_class = image_to_image_class(loaded.pipe)
-    scheduler = fresh_scheduler(loaded, request.scheduler)
+    scheduler = fresh_scheduler(loaded, request.scheduler, request.prediction_type)
 
     # 2. the input image (and reference) at the working size
     image = flatten(context.images["image"])

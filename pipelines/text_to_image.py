@@ -37,7 +37,7 @@ def run(request: TextToImageRequest, context: TaskContext, seeds: list[int], pla
 
     # 1. load the model (cached) and pick the sampler
     loaded = context.models.get(request.model)
-    pipe = with_scheduler(context, loaded, loaded.pipe, request.scheduler)
+    pipe = with_scheduler(context, loaded, loaded.pipe, request.scheduler, request.prediction_type)
     width, height = output_size(request, native_side(pipe))
 
     # 2. check the prompts against the tokenizer limit

@@ -38,6 +38,11 @@ def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
         "--guidance-scale", "--cfg", dest="guidance_scale", type=float, help="CFG (default: the model's recommendation, or 7)"
     )
     group.add_argument("--scheduler", choices=SCHEDULER_NAMES, metavar="NAME", help=", ".join(SCHEDULER_NAMES))
+    group.add_argument(
+        "--prediction-type",
+        choices=("epsilon", "v_prediction"),
+        help="what the model predicts, when its file does not say (an SD 2.x 512-base single file: epsilon)",
+    )
     group.add_argument("-b", "--batch-size", type=int, help="images to make (default 1)")
 
 
@@ -196,6 +201,7 @@ def cmd_render(args) -> int:
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
         scheduler=args.scheduler,
+        prediction_type=args.prediction_type,
         batch_size=len(seed) if isinstance(seed, list) else args.batch_size,
         model=args.model,
     )

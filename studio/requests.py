@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Union, get_args
+from typing import Any, Literal, Union, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -95,6 +95,11 @@ class BaseRequest(BaseModel):
     num_inference_steps: int = Field(25, ge=1, le=500, description="Denoising steps.")
     guidance_scale: float = Field(7.0, ge=0.0, le=50.0, description="Classifier-free guidance scale.")
     scheduler: str | None = Field(None, description="Sampler by friendly name; None keeps the model's own.")
+    prediction_type: Literal["epsilon", "v_prediction"] | None = Field(
+        None,
+        description="What the model's UNet predicts; None: what the model says (SD 2.x single files that do not "
+        "say are taken as 768-v, v_prediction: a 512-base file needs epsilon).",
+    )
     batch_size: int = Field(1, ge=1, le=MAX_BATCH_SIZE, description="Images made from this request.")
     model: str | None = Field(None, description="Model reference; None uses the studio's default.")
     output: str | None = Field(

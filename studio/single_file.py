@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import shutil
 import tempfile
@@ -85,6 +86,8 @@ SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
 PICKLE_PROTO = 0x80  # PROTO opcode: first byte of any protocol >= 2 pickle (torch's legacy format)
 SD2_512_GLOBAL_STEP = 875000  # global_step of the released 512-base SD 2.x checkpoints (diffusers' heuristic)
+
+log = logging.getLogger(__name__)
 
 
 class SingleFileError(ValueError):
@@ -305,6 +308,16 @@ def load_single_file_pipeline(
 
     detected = _detect_for_file(path, shapes)
     wanted = prediction_type or _prediction_hint(shapes, metadata, global_step)
+    if detected == "sd21" and prediction_type is None:
+        # The 768-v and the 512-base files share every shape: say what was taken, and why.
+        reason = "as the file says" if wanted else "the file does not say (no v_pred key, no modelspec metadata)"
+        log.warning(
+            "%s: SD 2.x, %s: %s; if its images come out as noise, pass --prediction-type %s",
+            path.name,
+            reason,
+            wanted or "v_prediction (the 768-v model)",
+            "v_prediction" if wanted == "epsilon" else "epsilon",
+        )
     architecture = _config_architecture(detected, wanted)
 
     with shipped_config(architecture, configs_dir) as config:

@@ -559,12 +559,13 @@ def test_load_sdxl_refiner_as_img2img(tmp_path, tiny_configs):
         assert_same_weights(getattr(pipe, name), models[name])
 
 
-def test_load_sd2_picks_config_by_prediction_type(tmp_path, tiny_configs):
+def test_load_sd2_picks_config_by_prediction_type(tmp_path, tiny_configs, caplog):
     path = tmp_path / "tiny-sd2.safetensors"
     models = write_tiny_checkpoint("sd21", tiny_configs, path)
 
     pipe = load_single_file_pipeline(path, torch_dtype=torch.float32, configs_dir=tiny_configs)
     assert pipe.scheduler.config.prediction_type == "v_prediction"  # SD 2.1 768: the default
+    assert "does not say" in caplog.text and "--prediction-type epsilon" in caplog.text  # the guess, and why
     assert pipe.tokenizer.pad_token == "!"
     assert_same_weights(pipe.text_encoder, models["text_encoder"])
 

@@ -116,3 +116,18 @@ def test_zero_terminal_snr_model_refuses_samplers_that_would_ignore_it():
         make_scheduler("lms", config)
     ordinary = DPMSolverMultistepScheduler(prediction_type="v_prediction").config
     assert make_scheduler("lms", ordinary).alphas_cumprod[-1] > 1e-5  # (default linear betas end at 4e-5)
+
+
+def test_prediction_type_is_a_request_field_recorded_in_the_png(studio, tmp_path):
+    """Issue 17: --prediction-type for models whose files do not say (SD 2.x 512-base runs as v otherwise)."""
+    fields = dict(seed=3, num_inference_steps=2)
+    plain = studio.text_to_image("a red circle", **fields)
+    same = studio.text_to_image("a red circle", prediction_type="epsilon", **fields)  # what the model says
+    v_pred = studio.text_to_image("a red circle", prediction_type="v_prediction", **fields)
+    assert np.array_equal(np.asarray(plain.images[0]), np.asarray(same.images[0]))
+    assert not np.array_equal(np.asarray(plain.images[0]), np.asarray(v_pred.images[0]))
+    assert studio.models.get(None).pipe.scheduler.config.prediction_type == "epsilon"  # the cached model unchanged
+    saved = v_pred.save(tmp_path / "v.png")[0]
+    from studio.metadata import read_record
+
+    assert read_record(saved).request.prediction_type == "v_prediction"
