@@ -28,6 +28,7 @@ def check_inputs(request: TextToImageRequest, context: TaskContext) -> None:
 def run(request: TextToImageRequest, context: TaskContext, seeds: list[int], plan=None) -> list:
     """Render `len(seeds)` images for the request; returns PIL images in seed order."""
     from .common import (
+        check_standard_unet,
         decode_latents,
         sampling_kwargs,
         to_pil,
@@ -37,6 +38,7 @@ def run(request: TextToImageRequest, context: TaskContext, seeds: list[int], pla
 
     # 1. load the model (cached) and pick the sampler
     loaded = context.models.get(request.model)
+    check_standard_unet(loaded, "text_to_image")
     pipe = with_scheduler(context, loaded, loaded.pipe, request.scheduler, request.prediction_type)
     width, height = output_size(request, native_side(pipe))
 

@@ -171,10 +171,10 @@ def detect_architecture(state_dict_keys: Iterable[str], shapes: Mapping[str, Seq
             "or non-SD model such as Flux/SD3?)"
         )
     in_channels = conv_in[1]
-    if in_channels != 4:
+    if in_channels not in (4, 9):
         raise UnknownArchitectureError(
-            f"the UNet takes {in_channels} input channels (9: inpainting, 8: instruct-pix2pix); "
-            "only 4-channel text-to-image checkpoints are supported"
+            f"the UNet takes {in_channels} input channels (8: instruct-pix2pix); only text-to-image (4) and "
+            "inpainting (9) checkpoints are supported"
         )
     context_dim = _context_dim(keys, shapes)
     family = next((arch for prefix, arch in TEXT_ENCODER_FAMILIES if _has_prefix(keys, prefix)), None)
@@ -321,6 +321,10 @@ def load_single_file_pipeline(
     architecture = _config_architecture(detected, wanted)
 
     with shipped_config(architecture, configs_dir) as config:
+        in_channels = shapes[UNET_CONV_IN][1]
+        if in_channels != 4:  # an inpainting checkpoint: image, mask and masked image in (the inpaint task's)
+            unet_config = config / "unet" / "config.json"
+            unet_config.write_text(json.dumps({**json.loads(unet_config.read_text()), "in_channels": in_channels}))
         if state_dict is None and path.suffix.lower() == ".safetensors" and not _has_legacy_clip_keys(shapes):
             pipe = _from_single_file(path, config, architecture, torch_dtype)
         else:

@@ -418,10 +418,39 @@ def test_detect_architecture(shapes, expected):
     assert detect_architecture(shapes.keys(), shapes) == expected
 
 
+def test_an_inpainting_single_file_loads_and_inpaints(tmp_path, tiny_configs):
+    """Issue 17: 9-channel (inpainting) single files were refused; they load, and the inpaint task uses them."""
+    from PIL import Image
+
+    from studio import Settings, Studio
+
+    unet_config = tiny_configs / "sd15" / "unet" / "config.json"
+    four_channels = unet_config.read_text()
+    unet_config.write_text(json.dumps({**json.loads(four_channels), "in_channels": 9}))
+    path = tmp_path / "tiny-inpainting.safetensors"
+    models = write_tiny_checkpoint("sd15", tiny_configs, path)
+    unet_config.write_text(four_channels)  # the shipped config says 4: the file's shapes decide
+    pipe = load_single_file_pipeline(path, torch_dtype=torch.float32, configs_dir=tiny_configs)
+    assert pipe.unet.config.in_channels == 9
+    assert_same_weights(pipe.unet, models["unet"])
+
+    studio = Studio(Settings(model=str(path), configs_dir=tiny_configs))
+    image = Image.new("RGB", (64, 64), (40, 90, 200))
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (16, 16, 48, 48))
+    result = studio.inpaint("a red square", image, mask, seed=1, num_inference_steps=2, mask_blur=0)
+    out = result.images[0]
+    assert out.getpixel((2, 2)) == image.getpixel((2, 2)) and out.getpixel((61, 61)) == image.getpixel((61, 61))
+    with pytest.raises(Exception, match="9-channel UNet"):
+        studio.style_transfer("striped", image, seed=1, num_inference_steps=2)
+    with pytest.raises(Exception, match="text_to_image needs a text-to-image model"):
+        studio.text_to_image("a red square", seed=1, num_inference_steps=2)
+
+
 @pytest.mark.parametrize(
     "shapes, message",
     [
-        (fake_shapes(768, SD15_TE, in_channels=9), "9 input channels"),
+        (fake_shapes(768, SD15_TE, in_channels=8), "8 input channels"),
         (fake_shapes(1024, SD15_TE), "mixed checkpoint"),
         (fake_shapes(96, {}), "cross-attention width 96"),
         ({"lora_unet_down_blocks_0.alpha": ()}, "lora_unet_down_blocks_0.alpha"),
