@@ -269,7 +269,12 @@ def cmd_replay(args) -> int:
     progress = TqdmProgress(disable=args.quiet)
     try:
         result = studio.replay(
-            args.image, inputs=inputs, progress=progress, trust_inputs=args.trust_inputs, on_input=_announce_input
+            args.image,
+            inputs=inputs,
+            progress=progress,
+            trust_inputs=args.trust_inputs,
+            on_input=_announce_input,
+            model=args.model,
         )
     finally:
         progress.close()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .images import image_sha256, open_image
 from .metadata import ImageRecord, environment_fingerprint, png_bytes, read_record
-from .models import ModelManager, config_folder, resolve_model_ref
+from .models import ModelManager, config_folder, find_model_by_hash, recorded_reference, resolve_model_ref
 from .outputs import atomic_write_bytes, atomic_write_new
 from .progress import Progress
 from .recommended import apply_recommendations, recommendations_for
@@ -144,6 +144,7 @@ class Studio:
 
         # 4. describe each image for its PNG
         loaded = self.models.get(request.model)
+        recorded = recorded.model_copy(update={"model": recorded_reference(loaded.ref)})
         environment = environment_fingerprint(str(loaded.device), str(loaded.dtype).removeprefix("torch."))
         sampler = a1111_sampler_name(request.scheduler, loaded.pipe.scheduler)
         records = [
@@ -174,6 +175,20 @@ class Studio:
         values = ", ".join(f"{name} {value}" for name, value in used.items())
         return request, [f"model {ref.name!r} recommends ({recommendations.source}): {values}"]
 
+    def _model_moved(self, request: BaseRequest, record) -> BaseRequest:
+        """The request, or, when the model file or folder it names is gone, the one in the models folders
+        with the same weights hash (a PNG made from `models/x.safetensors` replays from anywhere)."""
+        model = request.model
+        if model is None or model == "embedded" or not Path(model).is_absolute() or Path(model).exists():
+            return request
+        found = find_model_by_hash(record.model_hash, self.settings)
+        if found is None:
+            raise StudioInputError(
+                f"model {quote(model)} is gone, and no model in the models folders (--models-dir) has its hash "
+                f"{record.model_hash or '(none recorded)'}; replay with --model to name it"
+            )
+        return request.model_copy(update={"model": found})
+
     def load_inputs(self, request: BaseRequest) -> tuple[dict, dict]:
         """Open every input image of the request (paths or PIL images) and hash it."""
         images, hashes = {}, {}
@@ -193,14 +208,22 @@ class Studio:
         *,
         trust_inputs: bool = False,
         on_input=None,
+        model: str | None = None,
     ) -> Result:
         """Re-render the image a studio PNG records; input images must hash as they did then.
 
         A PNG can be forged to name any local image: one whose hash the PNG does not record is read
-        only with trust_inputs. `on_input(name, path)` is called for each input file before it is read.
+        only with trust_inputs. `on_input(name, path)` is called for each input file (and a model found
+        by its hash) before it is read. `model`: another model than the one recorded.
         """
         record = read_record(Path(png_path), self.tasks)
         request = _with_inputs(record.request, inputs)
+        if model is not None:
+            request = request.model_copy(update={"model": model})
+        elif (moved := self._model_moved(request, record)) is not request:
+            request = moved
+            if on_input:
+                on_input("model (found by its hash)", request.model)
         missing = [name for name in record.input_hashes if getattr(request, name, None) is None]
         if missing:
             raise StudioInputError(f"replaying {str(png_path)!r} needs the input image(s) {', '.join(missing)}")

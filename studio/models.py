@@ -359,6 +359,27 @@ class ModelManager:
         self._evict(keep=0)
 
 
+def recorded_reference(ref: ModelRef) -> str:
+    """How a PNG names its model: "embedded", a hub id, or the absolute path (not the path as typed, which
+    means nothing from another folder)."""
+    return "embedded" if ref.kind == "embedded" else ref.location
+
+
+def find_model_by_hash(short_hash: str, settings: Settings) -> str | None:
+    """A model in the models folders (--models-dir) whose weights hash to `short_hash`, for a PNG whose
+    model has moved; hashes come from the hash cache after the first time."""
+    for entry in list_local_models(settings):
+        if entry["kind"] not in ("folder", "single_file") or not short_hash:
+            continue
+        try:
+            ref = resolve_model_ref(entry["reference"], settings)
+            if weights_hash(ref, settings.hash_cache) == short_hash:
+                return entry["reference"]
+        except (StudioInputError, OSError):
+            continue
+    return None
+
+
 def list_local_models(settings: Settings) -> list[dict]:
     """What `studio models` shows: the embedded model, folders and checkpoints in models_dirs, cached hub models."""
     found = []

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from studio.models import ModelError, ModelManager, resolve_model_ref
+from studio.requests import StudioInputError
 from studio.settings import Settings
 
 
@@ -172,3 +173,26 @@ def test_a_model_file_is_hashed_once_while_it_is_unchanged(sd15_folder, tmp_path
     assert models.weights_hash(ref, cache) and len(reads) == 3  # a damaged cache only costs a rehash
     folder_hash = models.weights_hash(resolve_model_ref(str(sd15_folder), Settings()), cache)
     assert models.weights_hash(resolve_model_ref(str(sd15_folder), Settings()), cache) == folder_hash
+
+
+
+
+def test_a_png_replays_after_its_model_moved(sd15_folder, tmp_path):
+    """Issue 17: the PNG records the model's absolute path and its hash; when the model moved, replay finds
+    it by its hash in the models folders (and says so); when it is nowhere, the error says what to do."""
+    from studio import Studio
+    from studio.metadata import read_record
+
+    original = _copy(sd15_folder, tmp_path / "first-place", "model")
+    made = Studio(Settings(model=str(original))).text_to_image("a red circle", seed=5, num_inference_steps=2)
+    png = made.save(tmp_path / "made.png")[0]
+    assert read_record(png).request.model == str(original.resolve())
+    models_dir = tmp_path / "models"
+    models_dir.mkdir()
+    original.rename(models_dir / "renamed")
+    announced = []
+    replayed = Studio(Settings(models_dirs=(models_dir,))).replay(png, on_input=lambda *item: announced.append(item))
+    assert np.array_equal(np.asarray(replayed.images[0]), np.asarray(made.images[0]))
+    assert announced == [("model (found by its hash)", str(models_dir / "renamed"))]
+    with pytest.raises(StudioInputError, match="is gone.*--models-dir.*--model"):
+        Studio(Settings()).replay(png)
