@@ -235,6 +235,29 @@ def test_cancel_stops_a_running_render(page, shots):
     )
     assert page.locator("#text_to_image-gallery img").count() == 0  # the preview goes: nothing was finished
 
+    # The next run clears the stale "Cancelled." at once.
+    set_number(page, "text_to_image-num_inference_steps", 2)
+    set_number(page, "text_to_image-width", 64)
+    set_number(page, "text_to_image-height", 64)
+    page.locator("#text_to_image-run").click()
+    page.wait_for_function(
+        "!document.querySelector('#text_to_image-status').innerText.includes('Cancelled')", timeout=5_000
+    )
+    page.wait_for_function("document.querySelector('#text_to_image-status').innerText.includes('Saved')")
+
+
+def test_a_missing_image_is_refused_at_the_click(page):
+    page.get_by_role("tab", name="Imagic").click()
+    page.locator("#imagic-prompt textarea").fill("a red circle")
+    page.locator("#imagic-run").click()
+    toast = page.locator(".toast-body")
+    toast.first.wait_for(timeout=10_000)
+    page.wait_for_timeout(1000)
+    texts = toast.all_inner_texts()
+    assert len(texts) == 1 and "add an image first" in texts[0], texts
+    assert "Imagic" in texts[0]  # the message says which tab
+    assert page.locator("#imagic-gallery img").count() == 0
+
 
 def test_png_info_sends_settings_to_their_tab(page, served, tmp_path, shots):
     from gradio_client import Client
@@ -262,3 +285,86 @@ def test_png_info_sends_settings_to_their_tab(page, served, tmp_path, shots):
     assert page.locator("#text_to_image-negative_prompt textarea").input_value() == "blur"
     assert page.locator("#text_to_image-seed input").first.input_value() == "99"
     assert page.locator("#text_to_image-num_inference_steps input[type=number]").first.input_value() == "3"
+
+
+# Every 50 ms, the gallery's first image source ("" while it shows none), kept in window.__gallerySrcs.
+SAMPLE_GALLERY = """(selector) => {
+    window.__gallerySrcs = [];
+    window.__gallerySampler = setInterval(() => {
+        const image = document.querySelector(selector + ' img');
+        window.__gallerySrcs.push(image && image.getAttribute('src') ? image.getAttribute('src') : '');
+    }, 50);
+}"""
+
+
+def test_live_previews_never_blank_the_gallery(page, shots, studio):
+    loaded_before = bool(studio.models.loaded_models())
+    page.locator("#text_to_image-prompt textarea").fill("a blue square")
+    set_number(page, "text_to_image-seed", 5)
+    set_number(page, "text_to_image-num_inference_steps", 60)
+    set_number(page, "text_to_image-width", 128)
+    set_number(page, "text_to_image-height", 128)
+    page.evaluate(SAMPLE_GALLERY, "#text_to_image-gallery")
+    page.locator("#text_to_image-run").click()
+    # The progress is shown on the status line, not over the gallery.
+    page.locator("#text_to_image-status").get_by_text("sampling").first.wait_for()
+    assert page.locator("#text_to_image-gallery .eta-bar, #text_to_image-gallery .progress-text").count() == 0
+    if loaded_before:
+        assert "first run" not in page.locator("#text_to_image-status").inner_text()
+    gallery_image_url(page, "text_to_image-gallery", "text_to_image-status", shots)
+    page.wait_for_timeout(300)
+    sources = page.evaluate("() => { clearInterval(window.__gallerySampler); return window.__gallerySrcs; }")
+    first = next((i for i, src in enumerate(sources) if src), None)
+    assert first is not None, "no preview or result was shown"
+    assert all(sources[first:]), "the gallery went blank between a preview and the next"
+    assert len(set(sources[first:])) >= 2, "expected a preview, then the result"
+    assert not page.locator("#text_to_image-status").inner_text().startswith("Cancelled")
+
+
+def test_images_render_pixelated(page, shots):
+    page.locator("#text_to_image-prompt textarea").fill("a red circle")
+    set_number(page, "text_to_image-num_inference_steps", 2)
+    page.locator("#text_to_image-run").click()
+    gallery_image_url(page, "text_to_image-gallery", "text_to_image-status", shots)
+    page.locator("#history img").first.wait_for(state="visible")
+    for selector in ("#text_to_image-gallery img", "#history img"):
+        style = page.locator(selector).first.evaluate("(image) => getComputedStyle(image).imageRendering")
+        assert style == "pixelated", (selector, style)
+
+
+def test_send_a_result_to_other_tabs(page, shots, tmp_path):
+    page.locator("#text_to_image-prompt textarea").fill("a yellow triangle")
+    set_number(page, "text_to_image-seed", 11)
+    set_number(page, "text_to_image-num_inference_steps", 2)
+    set_number(page, "text_to_image-batch_size", 2)
+    page.locator("#text_to_image-run").click()
+    gallery_image_url(page, "text_to_image-gallery", "text_to_image-status", shots)
+    page.wait_for_function("document.querySelectorAll('#text_to_image-gallery img').length >= 2")
+    second = page.locator("#text_to_image-gallery img").nth(1)
+    second_url = second.get_attribute("src")
+    second.click()  # picks the second result
+    page.wait_for_timeout(500)
+    page.locator("#text_to_image-send-imagic").click()
+    sent = page.locator("#imagic-image img").first
+    sent.wait_for(state="visible")
+    assert page.locator("#imagic-run").is_visible()  # the Imagic tab is open
+    style = sent.evaluate("(image) => getComputedStyle(image).imageRendering")
+    assert style == "pixelated"
+    page.screenshot(path=str(shots / "send_to_imagic.png"), full_page=True)
+    with Image.open(io.BytesIO(fetch(page, sent.get_attribute("src")))) as got:
+        got_pixels = np.asarray(got.convert("RGB"))
+    with Image.open(io.BytesIO(fetch(page, second_url))) as result:
+        assert np.array_equal(got_pixels, np.asarray(result.convert("RGB"))), "not the picked result's pixels"
+
+    # The result's settings go back to Text to image.
+    page.get_by_role("tab", name="Text to image").click()
+    page.locator("#text_to_image-prompt textarea").fill("something else")
+    page.locator("#text_to_image-send-text_to_image").click()
+    page.wait_for_function("document.querySelector('#text_to_image-prompt textarea').value === 'a yellow triangle'")
+
+    # Into an editor: Inpaint's image to paint on.
+    page.locator("#text_to_image-send-inpaint").click()
+    editor = page.locator("#inpaint-image")
+    editor.get_by_role("button", name="Upload").first.wait_for(state="visible")  # the editor has mounted
+    editor.get_by_text("Upload an image").wait_for(state="detached")  # it shows the sent image instead
+    page.screenshot(path=str(shots / "send_to_inpaint.png"), full_page=True)

@@ -17,7 +17,7 @@ from .batch_tab import build_batch_tab
 from .models_tab import build_models_tab
 from .png_info_tab import build_png_info_tab
 from .runner import StudioUI, session_key
-from .task_tab import TaskTab, build_task_tab
+from .task_tab import TaskTab, build_task_tab, wire_send_to
 
 # Gradio's upload cache (uploads, and copies of the results it served) is swept hourly of files older
 # than a day; inputs the studio stored in outputs/inputs/ are kept longer (runner.INPUT_MAX_AGE).
@@ -28,6 +28,13 @@ CSS = """
 #studio-header h1 { margin: 0 0 2px 0; }
 #studio-header p { margin: 0; opacity: 0.75; }
 .studio-status p { margin: 4px 0; }
+.studio-status { min-height: 2.5em; }
+/* Results, history and input images shown alike: fitted to their box, small ones (64x64) scaled up
+   pixel for pixel, never blurred. */
+.studio-images img, .studio-image img { image-rendering: pixelated; object-fit: contain; }
+.studio-image img { width: 100%; height: 100%; }
+.studio-send-to { gap: 4px !important; }
+.studio-send-to button { flex: 1 1 0; }
 """
 
 
@@ -52,6 +59,7 @@ def build_app(studio, settings: Settings, *, queue_size: int = server.DEFAULT_QU
             interactive=False,
             buttons=["download", "fullscreen"],
             elem_id="history",
+            elem_classes="studio-images",
             render=False,
         )
         gr.Markdown(
@@ -70,6 +78,7 @@ def build_app(studio, settings: Settings, *, queue_size: int = server.DEFAULT_QU
                 build_png_info_tab(ui, tabs, task_tabs)
             with gr.Tab("Models and settings", id="models") as models_tab:
                 build_models_tab(ui, demo, models_tab)
+        wire_send_to(ui, tabs, task_tabs)
         with gr.Accordion("History: this session's images", open=True):
             history_gallery.render()
 

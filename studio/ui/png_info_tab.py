@@ -25,6 +25,7 @@ def build_png_info_tab(ui: StudioUI, tabs: gr.Tabs, task_tabs: dict[str, TaskTab
                     sources=("upload", "clipboard"),
                     height=380,
                     elem_id="png-info-image",
+                    elem_classes="studio-image",
                 )
             )
         with gr.Column(scale=5):

@@ -135,7 +135,8 @@ class StudioUI:
                 events.put(("progress", 0, "waiting for the device"))
                 with self.device_lock:
                     quiet_libraries()
-                    events.put(("progress", 0, "starting (the first run loads the model)"))
+                    loading = not self.studio.models.loaded_models()
+                    events.put(("progress", 0, "starting (the first run loads the model)" if loading else "starting"))
                     result = self.studio.run(request, SessionProgress(on_update, cancel))
                 outcome["value"] = result.save(self.output_target(task), overwrite=False), result
             except BaseException as error:  # re-raised in the event's thread below

@@ -49,6 +49,9 @@ class TaskTab:
         self.run_event = None
         self.cancel_button = None
         self.status = None
+        self.gallery = None
+        self.selected = None  # gr.State: the index of the result picked in the gallery
+        self.send_buttons: dict[str, gr.Button] = {}  # target task -> its "→ <title>" button
 
     def extra_fields(self) -> list[str]:
         return [
@@ -135,7 +138,20 @@ def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
                 interactive=False,
                 buttons=["download", "fullscreen"],
                 elem_id=f"{task}-gallery",
+                elem_classes="studio-images",
             )
+            tab.gallery = gallery
+            tab.selected = gr.State(None)
+            targets = send_targets(ui.studio.tasks)
+            with gr.Row(elem_classes="studio-send-to"):
+                for target, _field in targets["image"]:
+                    tab.send_buttons[target.name] = gr.Button(
+                        f"→ {target.title}", size="sm", min_width=60, elem_id=f"{task}-send-{target.name}"
+                    )
+                for target in targets["settings"]:
+                    tab.send_buttons[target.name] = gr.Button(
+                        f"settings → {target.title}", size="sm", min_width=60, elem_id=f"{task}-send-{target.name}"
+                    )
             seed_used = gr.Textbox(label="seed used", interactive=False, elem_id=f"{task}-seed-used")
             tab.status = gr.Markdown("", label="status", elem_classes="studio-status", elem_id=f"{task}-status")
     last_fields = gr.State(None)  # the last successful run's values (for the task's rerender_fields)
@@ -176,16 +192,43 @@ def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
         "Returns the PNGs (metadata intact), the seeds used and a status line."
     )
     outputs = [gallery, seed_used, tab.status, history, last_fields]
+    images = list(tab.image_inputs)
+
+    def check(*values):
+        """At the click, before waiting for the device: refuse a missing image, in one message."""
+        required = tab.spec.required_images
+        missing = [
+            name
+            for name, value in zip(images, values)
+            if name in required and not _has_image(value, tab.image_inputs[name])
+        ]
+        if missing:
+            labels = "; ".join(tab.spec.image_labels.get(name, field_label(name)) for name in missing)
+            raise gr.Error(f"{tab.spec.title}: add an image first ({labels})", print_exception=False)
+
+    # The browser's run: checked at once (a toast on this tab), a stale status ("Cancelled.") cleared, then
+    # queued for the device. API clients call the last step, `/<task>`, directly (its own checks answer them).
     tab.run_event = gr.on(
         [run_button.click, tab.inputs["prompt"].submit],
+        check,
+        [tab.inputs[name] for name in images],
+        None,  # its message is one toast; the status line is left as it is
+        api_visibility="private",
+        show_progress="hidden",
+        concurrency_limit=None,  # never waits for the device, nor for another check
+    ).success(
+        lambda: "", None, tab.status, queue=False, show_progress="hidden", api_visibility="private"
+    ).success(
         with_signature(task, parameters, doc, body),
         inputs=[tab.inputs[name] for name in parameters] + [history],
         outputs=outputs,
         api_name=task,
         concurrency_id="device",
         concurrency_limit=1,
-        show_progress_on=[gallery],
+        show_progress_on=[tab.status],  # never over the gallery: it keeps the last preview until the next
     )
+    gallery.select(_selected_index, None, tab.selected, queue=False, api_visibility="private")
+    tab.run_event.then(lambda: None, None, tab.selected, queue=False, api_visibility="private")
     tab.random_seed.click(lambda: -1, None, tab.inputs["seed"], queue=False, api_visibility="private")
     tab.reuse_seed.click(
         lambda text: int(text.split(",")[0]) if text else -1,
@@ -212,7 +255,7 @@ def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
                 api_visibility="private",
                 concurrency_id="device",
                 concurrency_limit=1,
-                show_progress_on=[gallery],
+                show_progress_on=[tab.status],
             )
         )
 
@@ -292,6 +335,7 @@ def _image_widgets(tab: TaskTab, max_pixels: int) -> None:
                     sources=("upload", "clipboard"),
                     height=220 if painted else 300,
                     elem_id=f"{spec.name}-{name}",
+                    elem_classes="studio-image",
                 )
             )
 
@@ -358,3 +402,104 @@ def _show_previews(stream):
         except StopIteration as done:
             return done.value
         yield [(image, "preview")], gr.skip(), gr.skip(), gr.skip(), gr.skip()
+
+
+# -- "send to": a result of one tab becomes another tab's input image or settings --------------------
+
+
+def send_targets(registry) -> dict[str, list]:
+    """Where a result can go, from the registry: {"image": [(task, its first image field)], "settings":
+    [tasks without image inputs]} (the tasks a rendered PNG's settings can be rendered again with)."""
+    image, settings = [], []
+    for spec in registry:
+        if spec.image_fields:
+            image.append((spec, (spec.required_images or spec.image_fields)[0]))
+        else:
+            settings.append(spec)
+    return {"image": image, "settings": settings}
+
+
+def _has_image(value, kind: str) -> bool:
+    if kind == "editor":
+        return editor_background(value) is not None
+    if kind == "sketch":
+        return editor_composite(value) is not None
+    return bool(value)
+
+
+def _selected_index(evt: gr.SelectData):
+    return evt.index
+
+
+def _picked_result(gallery, selected) -> str:
+    """The path of the gallery's selected (else first) finished result; previews are not results."""
+    items = list(gallery or [])
+    index = selected if isinstance(selected, int) and 0 <= selected < len(items) else 0
+    if not items:
+        raise gr.Error("render an image first", title="Nothing to send", print_exception=False)
+    item = items[index]
+    path, caption = (item[0], item[1]) if isinstance(item, (tuple, list)) else (item, None)
+    if caption == "preview" or not path:
+        raise gr.Error("the render has not finished yet", title="Nothing to send", print_exception=False)
+    return str(path)
+
+
+def wire_send_to(ui: StudioUI, tabs: gr.Tabs, task_tabs: dict[str, TaskTab]) -> None:
+    """Each tab's "→ <task>" buttons: the picked result PNG becomes the target's image (stored in
+    outputs/inputs/ like an upload), or its settings fill the target's fields; the target tab opens."""
+    targets = send_targets(ui.studio.tasks)
+    image_targets = {spec.name: field for spec, field in targets["image"]}
+    for source in task_tabs.values():
+        for name, button in source.send_buttons.items():
+            target = task_tabs.get(name)
+            if target is None:
+                continue
+            if name in image_targets:
+                field = image_targets[name]
+                widget = target.inputs[field]
+
+                kind = target.image_inputs[field]
+
+                def send_image(gallery, selected, name=name, field=field, kind=kind, widget=widget):
+                    try:
+                        staged = ui.stage_image(_picked_result(gallery, selected), field)
+                    except StudioInputError as error:
+                        raise friendly(error) from None
+                    value = {"background": staged, "layers": [], "composite": staged} if kind != "file" else staged
+                    return {tabs: gr.Tabs(selected=name), widget: value}
+
+                button.click(
+                    send_image,
+                    [source.gallery, source.selected],
+                    [tabs, widget],
+                    queue=False,
+                    api_visibility="private",
+                )
+            else:
+                widgets = {n: w for n, w in target.inputs.items() if n not in target.image_inputs}
+
+                def send_settings(gallery, selected, name=name, widgets=widgets):
+                    from studio.metadata import read_record, record_to_json
+
+                    try:
+                        data = record_to_json(read_record(Path(_picked_result(gallery, selected))))
+                    except StudioInputError as error:
+                        raise friendly(error) from None
+                    fields = dict(data["request"])
+                    fields["seed"] = data.get("seed", fields.get("seed"))
+                    fields["batch_size"] = 1
+                    if fields.get("scheduler") is None:
+                        fields["scheduler"] = DEFAULT_SCHEDULER
+                    updates = {tabs: gr.Tabs(selected=name)}
+                    for field, widget in widgets.items():
+                        if field in fields and fields[field] is not None:
+                            updates[widget] = fields[field]
+                    return updates
+
+                button.click(
+                    send_settings,
+                    [source.gallery, source.selected],
+                    [tabs, *widgets.values()],
+                    queue=False,
+                    api_visibility="private",
+                )
