@@ -77,6 +77,35 @@ def with_scheduler(
     return context.models.derive(loaded, type(pipe), scheduler=scheduler, **components)
 
 
+class LoraPipeline:
+    """A pipeline whose call runs with the request's LoRAs loaded into the model (studio.loras), and unloaded
+    again when the call returns or fails; everything else is the wrapped pipeline's."""
+
+    def __init__(self, pipe, loaded: LoadedModel, loras: list, settings: Settings, files):
+        self.__dict__.update(_pipe=pipe, _loaded=loaded, _loras=list(loras), _settings=settings, _files=files)
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["_pipe"], name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._pipe, name, value)
+
+    def __call__(self, *args, **kwargs):
+        from studio.loras import loras_applied
+
+        with loras_applied(self._loaded, self._loras, self._settings, self._files):
+            return self._pipe(*args, **kwargs)
+
+
+def with_loras(context: TaskContext, loaded: LoadedModel, pipe, request: BaseRequest):
+    """`pipe`, or, when the request has LoRAs, `pipe` whose call applies them for that call only: the cached
+    model never keeps them. Every task that samples through a pipeline gets it through here."""
+    loras = getattr(request, "loras", None)
+    if not loras:
+        return pipe
+    return LoraPipeline(pipe, loaded, loras, context.settings, context.models.lora_files)
+
+
 def check_output_size(request: BaseRequest, context: TaskContext) -> None:
     """Refuse, before any model is loaded, a request whose images add up to more than max_output_pixels:
     one such job would hold the device (and gigabytes of memory) for every other client."""

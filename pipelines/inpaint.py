@@ -172,6 +172,7 @@ def run(request: InpaintRequest, context: TaskContext, seeds: list[int], plan=No
         sampling_kwargs,
         to_pil,
         warn_if_truncated,
+        with_loras,
         with_scheduler,
     )
 
@@ -183,6 +184,7 @@ def run(request: InpaintRequest, context: TaskContext, seeds: list[int], plan=No
     loaded = context.models.get(request.model)
     pipe = context.models.derive(loaded, _pipeline_class(loaded))
     pipe = with_scheduler(context, loaded, pipe, request.scheduler, request.prediction_type)
+    pipe = with_loras(context, loaded, pipe, request)  # the request's LoRAs, for its sampling call only
     factor = pipe.vae_scale_factor
     warn_if_truncated(pipe, request.prompt, context)
     warn_if_truncated(pipe, request.negative_prompt, context, "negative_prompt")

@@ -286,7 +286,7 @@ def check_inputs(request: SketchToImageRequest, context: TaskContext) -> tuple:
 def _derived(context: TaskContext, loaded, pipeline_class, request, cache_key: str | None = None, **components):
     """A pipeline of `pipeline_class` sharing the loaded weights, plus `components` (cached per key), with the
     request's sampler and prediction type."""
-    from .common import with_scheduler
+    from .common import with_loras, with_scheduler
 
     if components and cache_key:
         key = f"{pipeline_class.__name__}[{cache_key}]"
@@ -297,7 +297,8 @@ def _derived(context: TaskContext, loaded, pipeline_class, request, cache_key: s
         components = {name: getattr(pipe, name) for name in components}
     else:
         pipe = context.models.derive(loaded, pipeline_class, **components)
-    return with_scheduler(context, loaded, pipe, request.scheduler, request.prediction_type, **components)
+    pipe = with_scheduler(context, loaded, pipe, request.scheduler, request.prediction_type, **components)
+    return with_loras(context, loaded, pipe, request)  # the request's LoRAs, for its sampling call only
 
 
 def _load_component(conditioner: Conditioner, loaded, context: TaskContext):

@@ -162,6 +162,7 @@ def run(request: StyleTransferRequest, context: TaskContext, seeds: list[int], p
         sampling_kwargs,
         to_pil,
         warn_if_truncated,
+        with_loras,
     )
 
     method = resolve_method(request)
@@ -195,11 +196,13 @@ def run(request: StyleTransferRequest, context: TaskContext, seeds: list[int], p
     elif method == "ip_adapter":
         config = ip_adapter_config(context.settings)
         pipe = context.models.derive(loaded, pipeline_class, scheduler=scheduler)
+        pipe = with_loras(context, loaded, pipe, request)  # the request's LoRAs, for its sampling call only
         reference = flatten(context.images["reference_image"])
         with ip_adapter_loaded(pipe, config, request.style_strength):
             output = pipe(ip_adapter_image=reference, **call)
     else:
         pipe = context.models.derive(loaded, pipeline_class, scheduler=scheduler)
+        pipe = with_loras(context, loaded, pipe, request)
         output = pipe(**call)
     context.progress.raise_if_cancelled()
 
@@ -213,13 +216,14 @@ def _run_reference(request, context, loaded, pipeline_class, scheduler, call):
     from PIL import ImageOps
 
     from .attention import reference_unet, shared_attention
-    from .common import encode_image
+    from .common import encode_image, with_loras
 
     base = loaded.pipe
     width, height = call["image"].size
     reference = ImageOps.fit(flatten(context.images["reference_image"]), (width, height), method=3)
     wrapper = reference_unet(base, encode_image(base, reference), request.style_strength, REFERENCE_NOISE_SEED)
     pipe = context.models.derive(loaded, pipeline_class, unet=wrapper, scheduler=scheduler)
+    pipe = with_loras(context, loaded, pipe, request)  # loaded into the base UNet the wrapper runs
     with shared_attention(base.unet, wrapper.state):
         return pipe(**call)
 

@@ -33,6 +33,7 @@ def run(request: TextToImageRequest, context: TaskContext, seeds: list[int], pla
         sampling_kwargs,
         to_pil,
         warn_if_truncated,
+        with_loras,
         with_scheduler,
     )
 
@@ -40,6 +41,7 @@ def run(request: TextToImageRequest, context: TaskContext, seeds: list[int], pla
     loaded = context.models.get(request.model)
     check_standard_unet(loaded, "text_to_image")
     pipe = with_scheduler(context, loaded, loaded.pipe, request.scheduler, request.prediction_type)
+    pipe = with_loras(context, loaded, pipe, request)  # the request's LoRAs, for its sampling call only
     width, height = output_size(request, native_side(pipe))
 
     # 2. check the prompts against the tokenizer limit

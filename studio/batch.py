@@ -397,10 +397,24 @@ def _holds_image_of(path: Path, request: BaseRequest, index: int, seed: int) -> 
         expected = request_to_json(request)
     except Exception:  # not a studio PNG, or not readable: not this job's
         return False
-    # The PNG records the seeds it used (a list for several images): compare this image's own seed.
-    recorded.pop("seed", None)
-    expected.pop("seed", None)
-    return record.image_index == index and record.seed == seed and recorded == expected
+    if record.image_index != index or record.seed != seed:
+        return False
+    # Compare what the line sets; the rest the studio filled in (the model's recommendations, the seeds it
+    # drew, the model's absolute path). The PNG records the seeds as a list for several images.
+    named = (request.model_fields_set | {"task"}) - {"seed", "model"}
+    if any(recorded.get(name) != expected.get(name) for name in named):
+        return False
+    return request.model is None or _same_model(request.model, record.request.model)
+
+
+def _same_model(line_model: str, recorded_model: str | None) -> bool:
+    """The line's model (as typed) and the one a PNG records (its absolute path, "embedded" or a hub id)."""
+    if recorded_model is None or line_model == recorded_model:
+        return line_model == recorded_model
+    try:
+        return Path(line_model).expanduser().resolve() == Path(recorded_model).resolve()
+    except (OSError, ValueError):
+        return False
 
 
 def _taken(path: Path, root: Path) -> StudioInputError:

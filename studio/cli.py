@@ -44,6 +44,14 @@ def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
         help="what the model predicts, when its file does not say (an SD 2.x 512-base single file: epsilon)",
     )
     group.add_argument("-b", "--batch-size", type=int, help="images to make (default 1)")
+    group.add_argument(
+        "--lora",
+        dest="loras",
+        action="append",
+        metavar="NAME_OR_PATH[:WEIGHT]",
+        help="apply a LoRA (repeatable): a name in the models folders' Lora/ or a .safetensors path, weight "
+        "default 1; the prompt's <lora:NAME:WEIGHT> does the same",
+    )
 
 
 def _add_task_arguments(parser: argparse.ArgumentParser, task) -> None:
@@ -184,6 +192,7 @@ def _save(result, target: str, overwrite: bool) -> list[Path]:
 
 def cmd_render(args) -> int:
     from .core import Studio
+    from .loras import parse_lora_argument
     from .progress import TqdmProgress
     from .requests import BaseRequest
 
@@ -204,6 +213,7 @@ def cmd_render(args) -> int:
         prediction_type=args.prediction_type,
         batch_size=len(seed) if isinstance(seed, list) else args.batch_size,
         model=args.model,
+        loras=[parse_lora_argument(value) for value in args.loras] if getattr(args, "loras", None) else None,
     )
     # Only what was given: a field left unset takes the model's recommendation (studio.recommended).
     given = {name: value for name, value in given.items() if value is not None}

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .images import image_sha256, open_image
+from .loras import prepare_loras
 from .metadata import ImageRecord, environment_fingerprint, png_bytes, read_record
 from .models import ModelManager, config_folder, find_model_by_hash, recorded_reference, resolve_model_ref
 from .outputs import atomic_write_bytes, atomic_write_new
@@ -124,8 +125,10 @@ class Studio:
         started = time.perf_counter()
         context = TaskContext(settings=self.settings, models=self.models, progress=progress or Progress())
 
-        # 0. the model's recommended settings for the fields the request leaves unset
+        # 0. the model's recommended settings for the fields the request leaves unset; <lora:NAME:WEIGHT> tags
+        # moved from the prompt into `loras`, and every LoRA found (nothing loaded yet)
         request, notes = self.recommend(request)
+        request = prepare_loras(request, self.settings)
 
         # 1. check inputs: the task's own checks, every input image and the output size, before any model
         # is loaded; the job's time limit counts from here (not from when it was queued)

@@ -87,10 +87,20 @@ def a1111_parameters(record: ImageRecord, width: int, height: int) -> str:
         fields.append(("Denoising strength", _format_number(strength)))
     if request.task != "text_to_image":
         fields.append(("Task", request.task))
+    loras = getattr(request, "loras", None) or []
+    if loras:  # A1111's form: Lora hashes: "name: hash, name: hash"
+        from .loras import lora_display_name
+
+        fields.append(("Lora hashes", ", ".join(f"{lora_display_name(ref)}: {ref.hash or ''}" for ref in loras)))
     fields.append(("Version", f"studio {record.environment.get('studio', '')}".strip()))
     # A1111 quotes values containing commas or colons.
     settings_line = ", ".join(f"{key}: {json.dumps(value) if re.search(r'[,:]', value) else value}" for key, value in fields if value)
     text = request.prompt
+    if loras:  # A1111 keeps the tags in its prompt text; the studio's record keeps them in `loras`
+        from .loras import lora_display_name
+
+        tags = " ".join(f"<lora:{lora_display_name(ref)}:{_format_number(ref.weight)}>" for ref in loras)
+        text = f"{text} {tags}" if text else tags
     if request.negative_prompt:
         text += f"\nNegative prompt: {request.negative_prompt}"
     return f"{text}\n{settings_line}"

@@ -29,6 +29,7 @@ from .devices import apply_memory_options, pick_device, pick_dtype
 from .outputs import atomic_write_bytes
 from .requests import StudioInputError, quote
 from .settings import EMBEDDED_MODEL_DIR, Settings
+from .loras import LoraFiles
 from .single_file import torch_load_reason
 
 log = logging.getLogger(__name__)
@@ -306,6 +307,7 @@ class ModelManager:
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        self.lora_files = LoraFiles()  # LoRA tensors read once per file version (studio.loras)
         self._loaded: OrderedDict[ModelRef, LoadedModel] = OrderedDict()
 
     def get(self, reference: str | None) -> LoadedModel:

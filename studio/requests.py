@@ -74,6 +74,32 @@ def _holds_bool(value) -> bool:
     return isinstance(value, bool) or (isinstance(value, list) and any(isinstance(item, bool) for item in value))
 
 
+class LoraRef(BaseModel):
+    """One LoRA applied to the request's model: a name in the models folders' `Lora/` (or the folder itself),
+    or a path to a `.safetensors` file, with its weight."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name_or_path: str = Field(
+        ...,
+        min_length=1,
+        max_length=1000,
+        description="A LoRA's name (<models_dir>/Lora/<name>.safetensors or <models_dir>/<name>.safetensors) "
+        "or a path to a .safetensors file.",
+    )
+    weight: float = Field(1.0, ge=-4.0, le=4.0, allow_inf_nan=False, description="How strongly it applies (0: not at all).")
+    hash: str | None = Field(
+        None, max_length=64, description="Filled by the studio: the file's short SHA-256, as A1111's `Lora hashes`."
+    )
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _weight_is_not_a_boolean(cls, value):
+        if isinstance(value, bool):
+            raise ValueError(f"weight must be a number, got {quote(value)}")
+        return value
+
+
 class BaseRequest(BaseModel):
     """Fields shared by every task."""
 
@@ -101,6 +127,12 @@ class BaseRequest(BaseModel):
         "say are taken as 768-v, v_prediction: a 512-base file needs epsilon).",
     )
     batch_size: int = Field(1, ge=1, le=MAX_BATCH_SIZE, description="Images made from this request.")
+    loras: list[LoraRef] = Field(
+        default_factory=list,
+        max_length=16,
+        description="LoRAs applied for this request only, each a name or .safetensors path with a weight; "
+        "A1111's <lora:NAME:WEIGHT> in the prompt adds one.",
+    )
     model: str | None = Field(None, description="Model reference; None uses the studio's default.")
     output: str | None = Field(
         None, max_length=255, description="Output file name (batch/CLI); kept inside the output folder."

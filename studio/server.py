@@ -114,6 +114,7 @@ def settings_from_args(args: argparse.Namespace, environ: dict | None = None) ->
         host=args.host or ("0.0.0.0" if args.listen else None),
         port=args.port,
         job_time_limit=args.job_time_limit,
+        lora_paths=False,  # clients name LoRAs in the server's models folders; a path would probe its disk
     )
 
 

@@ -83,6 +83,7 @@ class Settings:
     port: int = 7860  # the UI/API server's port
     # SHA-256 of model files by path, size and mtime, so a file is read for hashing once (A1111's cache.json)
     hash_cache: Path | None = field(default_factory=lambda: default_cache_dir() / "hashes.json")
+    lora_paths: bool = True  # LoRAs may be given by file path (the CLI, Python); a server takes names only
     add_ons: AddOns = field(default_factory=AddOns)  # ControlNet, T2I-Adapter, IP-Adapter weights beside the model
 
     @classmethod
