@@ -52,6 +52,20 @@ def recommendations_for(folder: Path | None, name: str = "") -> Recommendations:
     return Recommendations(f"the {family} preset", preset) if preset else Recommendations()
 
 
+def recommendations_for_reference(reference: str | None) -> Recommendations:
+    """The recommendations of "embedded" or a local diffusers folder, found without importing torch (the UI
+    reads them as it builds its widgets); other references (hub ids, single files): none."""
+    from .settings import EMBEDDED_MODEL_DIR
+
+    folder = EMBEDDED_MODEL_DIR if reference in (None, "embedded") else Path(reference).expanduser()
+    if not (folder / "model_index.json").is_file():
+        return Recommendations()
+    try:
+        return recommendations_for(folder, "embedded" if folder == EMBEDDED_MODEL_DIR else folder.name)
+    except StudioInputError:  # a broken studio.json: the UI starts at the schema's defaults, the run reports it
+        return Recommendations()
+
+
 def model_family(folder: Path, name: str = "") -> str:
     """sd1, sd2, sdxl, turbo or lcm, from the folder's configs and the model's name."""
     lowered = (name or folder.name).lower()

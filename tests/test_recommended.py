@@ -93,3 +93,14 @@ def test_the_embedded_model_ships_its_recommendations():
     assert recommendations.source == "studio.json"
     assert recommendations.for_task("text_to_image")["guidance_scale"] == 5.0  # ShapesEval's best CFG
     assert recommendations.for_task("imagic")["eta"] == 1.5  # where its Imagic edits work (tests/test_imagic.py)
+
+
+def test_the_ui_widgets_start_at_the_models_recommendations(recommending_model, tmp_path):
+    from studio.ui import build_app
+
+    settings = Settings(model=str(recommending_model), outputs_dir=tmp_path / "out")
+    demo = build_app(Studio(settings), settings)
+    values = {block.elem_id: getattr(block, "value", None) for block in demo.blocks.values() if block.elem_id}
+    assert values["text_to_image-guidance_scale"] == 3.5 and values["text_to_image-num_inference_steps"] == 3
+    assert values["imagic-eta"] == 1.2  # a task field, from the model's "tasks" entry
+    demo.close()

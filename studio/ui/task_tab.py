@@ -9,6 +9,7 @@ import gradio as gr
 from PIL import Image
 
 from studio.progress import GenerationCancelled, JobTimedOut
+from studio.recommended import recommendations_for_reference
 from studio.requests import (
     MAX_BATCH_SIZE,
     SCHEDULER_NAMES,
@@ -46,6 +47,7 @@ class TaskTab:
         self.request_type = spec.request_type
         self.inputs: dict[str, gr.components.Component] = {}  # request field -> widget (the API's parameters)
         self.image_inputs: dict[str, str] = {}  # image field -> widget kind: "file", "editor" or "sketch"
+        self.defaults: dict = {}  # field -> the default model's recommended value (the widgets start there)
         self.run_event = None
         self.cancel_button = None
         self.status = None
@@ -95,6 +97,8 @@ class TaskTab:
 def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
     """The tab's widgets and events; its run event is the API endpoint `/<task>`."""
     task = tab.task
+    # The widgets start at the default model's recommendations (its studio.json or family preset).
+    tab.defaults = recommendations_for_reference(ui.settings.model).for_task(task)
     with gr.Row(equal_height=False):
         with gr.Column(scale=5):
             _image_widgets(tab, ui.settings.max_image_pixels)
@@ -114,7 +118,7 @@ def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
                 with gr.Row():
                     for name in extras:
                         if name in promoted:
-                            tab.inputs[name] = field_component(tab.request_type, name)
+                            tab.inputs[name] = _task_field(tab, name)
             with gr.Row():
                 run_button = gr.Button(
                     tab.spec.run_label, variant="primary", scale=3, elem_id=f"{task}-run"
@@ -126,7 +130,7 @@ def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
             if others:
                 with gr.Accordion("Task options", open=False, elem_id=f"{task}-options"):
                     for name in others:
-                        tab.inputs[name] = field_component(tab.request_type, name)
+                        tab.inputs[name] = _task_field(tab, name)
         with gr.Column(scale=4):
             gallery = gr.Gallery(
                 label="result",
@@ -260,6 +264,12 @@ def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
         )
 
 
+def _task_field(tab: TaskTab, name: str):
+    if name in tab.defaults:
+        return field_component(tab.request_type, name, value=tab.defaults[name])
+    return field_component(tab.request_type, name)
+
+
 def _common_controls(tab: TaskTab) -> None:
     fields = tab.request_type.model_fields
     with gr.Row(equal_height=False):
@@ -286,7 +296,7 @@ def _common_controls(tab: TaskTab) -> None:
         tab.inputs["num_inference_steps"] = FieldSlider(
             low or 1,
             high or 500,
-            value=fields["num_inference_steps"].default,
+            value=tab.defaults.get("num_inference_steps", fields["num_inference_steps"].default),
             step=1,
             label="num inference steps",
             elem_id=f"{tab.task}-num_inference_steps",
@@ -295,7 +305,7 @@ def _common_controls(tab: TaskTab) -> None:
         tab.inputs["guidance_scale"] = FieldSlider(
             low or 0,
             high or 50,
-            value=fields["guidance_scale"].default,
+            value=tab.defaults.get("guidance_scale", fields["guidance_scale"].default),
             step=0.5,
             label="guidance scale",
             elem_id=f"{tab.task}-guidance_scale",
