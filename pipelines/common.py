@@ -185,24 +185,30 @@ def warn_if_truncated(pipe, prompt: str, context: TaskContext, field_name: str =
         )
 
 
-def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Undo the VAE's latent scaling (and SDXL-style mean/std when the config has them)."""
+def _latents_mean_std(vae, latents: torch.Tensor):
+    """The VAE config's per-channel latent mean and std (SDXL-style VAEs have them), shaped like `latents`;
+    None when it has none."""
     mean = getattr(vae.config, "latents_mean", None)
     std = getattr(vae.config, "latents_std", None)
-    if mean is not None and std is not None:
-        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+    if mean is None or std is None:
+        return None
+    return torch.tensor(mean).view(1, -1, 1, 1).to(latents), torch.tensor(std).view(1, -1, 1, 1).to(latents)
+
+
+def unscale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Undo the VAE's latent scaling (and SDXL-style mean/std when the config has them)."""
+    stats = _latents_mean_std(vae, latents)
+    if stats is not None:
+        mean, std = stats
         return latents * std / vae.config.scaling_factor + mean
     return latents / vae.config.scaling_factor
 
 
 def scale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """The VAE's latent scaling (inverse of unscale_latents)."""
-    mean = getattr(vae.config, "latents_mean", None)
-    std = getattr(vae.config, "latents_std", None)
-    if mean is not None and std is not None:
-        mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-        std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+    stats = _latents_mean_std(vae, latents)
+    if stats is not None:
+        mean, std = stats
         return (latents - mean) * vae.config.scaling_factor / std
     return latents * vae.config.scaling_factor
 
