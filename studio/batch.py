@@ -295,6 +295,75 @@ def _done_before(entry: dict | None, root: Path) -> bool:
 # -- running ----------------------------------------------------------------------------------------
 
 
+@dataclass
+class JobPlan:
+    """What a job renders and where: decided by the job's identity alone, so every run (and every
+    worker of a cluster) that plans the same job names the same files."""
+
+    request: BaseRequest  # the line's request, its seed filled in from the job id when the line set none
+    paths: list[Path]  # the files its images go to, in image order
+    own: set[Path]  # the paths already holding this job's own images (written by an earlier run)
+
+    @property
+    def written(self) -> bool:
+        """Every file was written by an earlier run (killed after writing them, before its manifest line)."""
+        return len(self.own) == len(self.paths)
+
+
+class BatchRecorder:
+    """The manifest, the summary and the on_job report, kept in step: one call per job outcome."""
+
+    def __init__(self, root: Path, on_job=None):
+        self.root = root
+        self.manifest_path = root / MANIFEST_NAME
+        self.manifest = read_manifest(self.manifest_path)  # what earlier runs recorded
+        self.summary = BatchSummary()
+        self._report = on_job or (lambda job, status, detail: None)
+
+    def settled(self, job: Job) -> bool:
+        """Record a bad line as failed and a job done by an earlier run as skipped; False: it needs rendering."""
+        if job.error is not None:
+            self.failed(job, job.error)
+            return True
+        if _done_before(self.manifest.get(job.job_id), self.root):
+            self.summary.skipped.append(job.job_id)
+            self._report(job, "skipped", "already done")
+            return True
+        return False
+
+    def failed(self, job: Job, reason: str) -> None:
+        self.summary.failed[job.line] = reason
+        _append_manifest(self.manifest_path, {"job": job.job_id, "line": job.line, "state": "failed", "error": reason})
+        self._report(job, "failed", reason)
+
+    def done(self, job: Job, paths: list[Path], rendered: bool, warnings: list[str]) -> None:
+        """Files on disk, written for this job: `rendered` by this run, or (False) found from an earlier one."""
+        relative = [str(path.relative_to(self.root)) for path in paths]
+        entry = {"job": job.job_id, "line": job.line, "state": "done", "files": relative}
+        _append_manifest(self.manifest_path, {**entry, "warnings": warnings} if warnings else entry)
+        if rendered:
+            self.summary.rendered.append(job.job_id)
+            self.summary.files.extend(paths)
+            self._report(job, "done", "; warning: ".join([", ".join(relative), *warnings]))
+        else:
+            self.summary.skipped.append(job.job_id)
+            self._report(job, "skipped", "already done (its files were written by an earlier run)")
+
+
+def start_batch(
+    jobs_path: Path, out_dir: Path, max_jobs: int, allowed_models: set[str] | None = None, tasks=None, on_job=None
+) -> tuple[list[Job], BatchRecorder]:
+    """What every batch engine does first: the output folder made and cleared of torn temp files, the jobs
+    read, the manifest of earlier runs read."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    root = out_dir.resolve()
+    for folder in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        remove_stale_temp_files(folder)
+    jobs = read_jobs(jobs_path, max_jobs, allowed_models, tasks)
+    return jobs, BatchRecorder(root, on_job)
+
+
 def run_batch(
     studio,
     jobs_path: Path,
@@ -310,70 +379,63 @@ def run_batch(
     (GenerationCancelled) stop the batch. `allowed_models`: when given, a line naming another model
     fails without anything being loaded (the web UI passes the models it offers).
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    root = out_dir.resolve()
-    for folder in [root, *(p for p in root.rglob("*") if p.is_dir())]:
-        remove_stale_temp_files(folder)
-    jobs = read_jobs(jobs_path, studio.settings.max_batch_lines, allowed_models, getattr(studio, "tasks", None))
-    manifest_path = root / MANIFEST_NAME
-    manifest = read_manifest(manifest_path)
-    summary = BatchSummary()
-    report = on_job or (lambda job, status, detail: None)
-
-    def fail(job: Job, reason: str) -> None:
-        summary.failed[job.line] = reason
-        _append_manifest(manifest_path, {"job": job.job_id, "line": job.line, "state": "failed", "error": reason})
-        report(job, "failed", reason)
-
+    tasks = getattr(studio, "tasks", None)
+    jobs, record = start_batch(jobs_path, out_dir, studio.settings.max_batch_lines, allowed_models, tasks, on_job)
     for job in jobs:
-        if job.error is not None:
-            fail(job, job.error)
-            continue
-        if _done_before(manifest.get(job.job_id), root):
-            summary.skipped.append(job.job_id)
-            report(job, "skipped", "already done")
+        if record.settled(job):
             continue
         try:
-            paths, rendered, warnings = _render_job(studio, job, root, progress_factory or Progress)
+            paths, rendered, warnings = _render_job(studio, job, record.root, progress_factory or Progress)
         except Exception as error:  # whatever one job raises is that job's failure, never the batch's
             if isinstance(error, GenerationCancelled) and not isinstance(error, JobTimedOut):
                 raise  # the user cancelled: stop (a job's own time limit fails that job only)
-            # Paths as the line wrote them; files in the output folder relative to it (no server folders).
-            fail(job, _reason(error, {**job.written, f"{root}{os.sep}": ""}))
+            record.failed(job, failure_reason(error, job, record.root))
             continue
-        relative = [str(path.relative_to(root)) for path in paths]
-        entry = {"job": job.job_id, "line": job.line, "state": "done", "files": relative}
-        _append_manifest(manifest_path, {**entry, "warnings": warnings} if warnings else entry)
-        if rendered:
-            summary.rendered.append(job.job_id)
-            summary.files.extend(paths)
-            report(job, "done", "; warning: ".join([", ".join(relative), *warnings]))
-        else:
-            summary.skipped.append(job.job_id)
-            report(job, "skipped", "already done (its files were written by an earlier run)")
-    return summary
+        record.done(job, paths, rendered, warnings)
+    return record.summary
+
+
+def failure_reason(error: BaseException, job: Job, root: Path) -> str:
+    """One line; paths as the line wrote them, files in the output folder relative to it (no server folders)."""
+    return _reason(error, {**job.written, f"{root}{os.sep}": ""})
 
 
 def _render_job(studio, job: Job, root: Path, new_progress) -> tuple[list[Path], bool, list[str]]:
     """Render one job and write its files; returns them, False when an earlier run had written them all,
     and the render's warnings (a truncated prompt...)."""
+    plan = plan_job(job, root)
+    if plan.written:
+        return plan.paths, False, []
+    result = studio.run(plan.request, new_progress())
+    write_job_files(plan, [result.png(index) for index in range(len(result.images))], root)
+    return plan.paths, True, list(result.warnings)
+
+
+def plan_job(job: Job, root: Path) -> JobPlan:
+    """The job's request (seeded) and files; raises StudioInputError when a file holds another image."""
     request = job.request
     if request.seed is None:
         # A seed from the job's identity: a rerun after a kill makes the same images.
         request = request.model_copy(update={"seed": int(job.job_id[-8:], 16)})
     target = safe_output_path(root, request.output) if request.output is not None else root / f"{job.job_id}.png"
     paths = _output_files(target, request)
-    own = _own_files(paths, request, root)
-    if len(own) == len(paths):  # an earlier run was killed after writing them, before its manifest line
-        return paths, False, []
-    result = studio.run(request, new_progress())
-    if len(result.images) != len(paths):
-        raise RuntimeError(f"the render made {len(result.images)} images where {len(paths)} were expected")
-    for index, path in enumerate(paths):
-        if path not in own and not atomic_write_new(path, result.png(index)):
-            raise _taken(path, root)  # appeared while rendering
-    return paths, True, list(result.warnings)
+    return JobPlan(request, paths, _own_files(paths, request, root))
+
+
+def write_job_files(plan: JobPlan, pngs: list[bytes], root: Path) -> None:
+    """Write each image not yet on disk, atomically and never over another file.
+
+    A file that appeared meanwhile is accepted only when it holds this job's own image (the same job
+    rendered twice, as a cluster does when it retries a task): one file, never a replaced one.
+    """
+    if len(pngs) != len(plan.paths):
+        raise RuntimeError(f"the render made {len(pngs)} images where {len(plan.paths)} were expected")
+    seeds = seeds_for(plan.request, 0)
+    for index, (path, png) in enumerate(zip(plan.paths, pngs)):
+        if path in plan.own or atomic_write_new(path, png):
+            continue
+        if not _holds_image_of(path, plan.request, index, seeds[index]):
+            raise _taken(path, root)  # appeared while rendering, holding something else
 
 
 def _own_files(paths: list[Path], request: BaseRequest, root: Path) -> set[Path]:
