@@ -16,6 +16,7 @@ that is not plain tensors and containers.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -325,15 +326,13 @@ def load_single_file_pipeline(
         if in_channels != 4:  # an inpainting checkpoint: image, mask and masked image in (the inpaint task's)
             unet_config = config / "unet" / "config.json"
             unet_config.write_text(json.dumps({**json.loads(unet_config.read_text()), "in_channels": in_channels}))
-        if state_dict is None and path.suffix.lower() == ".safetensors" and not _has_legacy_clip_keys(shapes):
-            pipe = _from_single_file(path, config, architecture, torch_dtype)
+        if state_dict is None:
+            # One component's tensors at a time (the UNet first): the whole file is never in memory beside
+            # the converted models, which keeps the peak near the weights in the dtype they run in.
+            read = functools.partial(_read_component, path, list(shapes), torch_dtype)
         else:
-            # diffusers picks its reader by file extension and expects today's CLIP key names, so a
-            # safetensors file under another name, or with old key names, is read and fixed here.
-            if state_dict is None:
-                state_dict = _load_safetensors_state_dict(path)
-            state_dict = _fix_legacy_clip_keys(state_dict)
-            pipe = _pipeline_from_state_dict(state_dict, config, architecture, torch_dtype)
+            read = functools.partial(_component_of, state_dict)
+        pipe = _pipeline_from_components(read, config, architecture, torch_dtype)
     if wanted:
         _set_prediction_type(pipe, wanted)
     return pipe
@@ -430,59 +429,86 @@ def _fix_legacy_clip_keys(state_dict: dict) -> dict:
     }
 
 
-def _load_safetensors_state_dict(path: Path) -> dict:
-    from safetensors.torch import load_file
+# Key prefixes of the parts diffusers converts; the text encoders get every other key (their converters
+# find their own prefixes), EMA copies and training leftovers are never read.
+MODEL_KEY_PREFIXES = {"unet": (UNET_PREFIX,), "vae": ("first_stage_model.",)}
+SKIPPED_PREFIXES = ("model_ema.", "model.diffusion_model_ema.")
+READ_GROUP = 64  # tensors read per opening of the file (about 150 MB of an SD 1.5 UNet)
 
-    return load_file(str(path), device="cpu")
+
+def _wants_key(component: str, key: str) -> bool:
+    if component in MODEL_KEY_PREFIXES:
+        return key.startswith(MODEL_KEY_PREFIXES[component])
+    owned = tuple(prefix for prefixes in MODEL_KEY_PREFIXES.values() for prefix in prefixes)
+    return not key.startswith(owned + SKIPPED_PREFIXES)
 
 
-def _from_single_file(path: Path, config: Path, architecture: str, torch_dtype) -> DiffusionPipeline:
-    """diffusers' own loader; with a local config folder and local_files_only it never goes online.
+def _read_component(path: Path, keys: list[str], torch_dtype, component: str) -> dict:
+    """The tensors of one component, read from a safetensors file and cast to the dtype the model runs in.
 
-    The file is known to be safetensors and to end in .safetensors, so diffusers reads it with the
-    safetensors reader (it chooses by extension; its pickle branch uses weights_only=True anyway).
+    The file is memory-mapped; it is reopened every READ_GROUP keys so that the pages already cast are
+    unmapped (a mapping held open through the whole component would keep all of them resident beside the casts).
     """
-    pipeline_class = _pipeline_class(architecture)
-    return pipeline_class.from_single_file(
-        str(path),
-        config=str(config),
-        local_files_only=True,
-        torch_dtype=torch_dtype,
-        **_no_safety_checker(architecture),
-    )
+    from safetensors import safe_open
+
+    wanted = [key for key in keys if _wants_key(component, key)]
+    part = {}
+    for start in range(0, len(wanted), READ_GROUP):
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            for key in wanted[start : start + READ_GROUP]:
+                tensor = handle.get_tensor(key)
+                part[key] = tensor.to(torch_dtype) if tensor.is_floating_point() else tensor.clone()
+    return _fix_legacy_clip_keys(part)
 
 
-def _pipeline_from_state_dict(state_dict: dict, config: Path, architecture: str, torch_dtype) -> DiffusionPipeline:
-    """The same component-by-component build as `from_single_file`, from a state dict in memory.
+def _component_of(state_dict: dict, component: str) -> dict:
+    return _fix_legacy_clip_keys({key: value for key, value in state_dict.items() if _wants_key(component, key)})
 
-    `DiffusionPipeline.from_single_file` accepts only a path, so this runs diffusers' per-component
-    loader (`load_single_file_sub_model`, the function from_single_file itself calls) over the
-    components named in the shipped model_index.json.
+
+def _stored_dtype(part: dict):
+    """The floating-point dtype a component's tensors are stored in (None: no tensors, or mixed)."""
+    dtypes = {value.dtype for value in part.values() if value.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def _pipeline_from_components(read_component, config: Path, architecture: str, torch_dtype) -> DiffusionPipeline:
+    """diffusers' per-component single-file loader (`load_single_file_sub_model`, what `from_single_file` calls),
+    fed one component's tensors at a time by `read_component(name)`, the UNet first; with the local config folder
+    and local_files_only it never goes online.
+
+    `from_single_file` would read the whole file and keep it beside every converted model (a 2 GB fp16 SD 1.5
+    file loaded in fp32 peaked at 1.6x the fp32 weights); here a component's source tensors are dropped once it
+    is built, and it is built in the file's dtype and then cast in place, parameter by parameter.
     """
+    import torch
     from diffusers import pipelines
     from diffusers.loaders.single_file import load_single_file_sub_model
 
     pipeline_class = _pipeline_class(architecture)
     index = json.loads((config / "model_index.json").read_text("utf-8"))
     components: dict[str, Any] = {}
-    for name, value in sorted(index.items()):
-        if name.startswith("_") or not isinstance(value, list):
-            continue  # private keys, and plain init arguments such as requires_safety_checker
-        library, class_name = value
+    names = [name for name, value in index.items() if not name.startswith("_") and isinstance(value, list)]
+    for name in sorted(names, key=lambda name: (name != "unet", name)):
+        library, class_name = index[name]
         if library is None:
             components[name] = None
             continue
-        components[name] = load_single_file_sub_model(
+        part = read_component(name) if name in ("unet", "vae") or name.startswith("text_encoder") else {}
+        model = load_single_file_sub_model(
             library_name=library,
             class_name=class_name,
             name=name,
-            checkpoint=state_dict,
+            checkpoint=part,
             pipelines=pipelines,
             is_pipeline_module=hasattr(pipelines, library),
             cached_model_config_path=str(config),
             local_files_only=True,
-            torch_dtype=torch_dtype,
+            torch_dtype=_stored_dtype(part),  # no second, cast copy while `part` is alive
         )
+        del part
+        if isinstance(model, torch.nn.Module):
+            model.to(torch_dtype)  # one parameter at a time: each old tensor is freed as its cast is made
+        components[name] = model
     init_args = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
     return pipeline_class(**components, **init_args)
 
