@@ -52,6 +52,21 @@ def _add_request_arguments(parser: argparse.ArgumentParser) -> None:
         help="apply a LoRA (repeatable): a name in the models folders' Lora/ or a .safetensors path, weight "
         "default 1; the prompt's <lora:NAME:WEIGHT> does the same",
     )
+    group.add_argument(
+        "--embedding",
+        dest="embeddings",
+        action="append",
+        metavar="NAME_OR_PATH[:TOKEN]",
+        help="a textual inversion embedding (repeatable): a name in the models folders' embeddings/ or a file, "
+        "called by TOKEN in the prompt (default: its file name); an embedding in embeddings/ whose name is a "
+        "word of the prompt is used without this",
+    )
+    group.add_argument(
+        "--vae",
+        metavar="NAME_OR_PATH",
+        help="a VAE instead of the model's own: a name in the models folders' VAE/, a .safetensors file or a "
+        "diffusers VAE folder",
+    )
 
 
 def _add_task_arguments(parser: argparse.ArgumentParser, task) -> None:
@@ -192,6 +207,7 @@ def _save(result, target: str, overwrite: bool) -> list[Path]:
 
 def cmd_render(args) -> int:
     from .core import Studio
+    from .embeddings import parse_embedding_argument
     from .loras import parse_lora_argument
     from .progress import TqdmProgress
     from .requests import BaseRequest
@@ -214,6 +230,8 @@ def cmd_render(args) -> int:
         batch_size=len(seed) if isinstance(seed, list) else args.batch_size,
         model=args.model,
         loras=[parse_lora_argument(value) for value in args.loras] if getattr(args, "loras", None) else None,
+        embeddings=[parse_embedding_argument(v) for v in args.embeddings] if getattr(args, "embeddings", None) else None,
+        vae=getattr(args, "vae", None),
     )
     # Only what was given: a field left unset takes the model's recommendation (studio.recommended).
     given = {name: value for name, value in given.items() if value is not None}

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .embeddings import embeddings_applied, prepare_embeddings
 from .images import image_sha256, open_image
 from .loras import prepare_loras
 from .metadata import ImageRecord, environment_fingerprint, png_bytes, read_record
@@ -32,6 +33,7 @@ from .requests import (
 from .schedulers import a1111_sampler_name
 from .settings import Settings
 from .tasks import TaskRegistry, default_registry
+from .vae import models_for_request, prepare_vae
 
 
 @dataclass
@@ -129,6 +131,9 @@ class Studio:
         # moved from the prompt into `loras`, and every LoRA found (nothing loaded yet)
         request, notes = self.recommend(request)
         request = prepare_loras(request, self.settings)
+        request = prepare_embeddings(request, self.settings)  # and embeddings named in the prompt (A1111)
+        request = prepare_vae(request, self.settings)
+        context.models = models_for_request(self.models, request)  # the request's VAE in every pipeline
 
         # 1. check inputs: the task's own checks, every input image and the output size, before any model
         # is loaded; the job's time limit counts from here (not from when it was queued)
@@ -143,7 +148,8 @@ class Studio:
         recorded = request.model_copy(update={"seed": seeds if len(seeds) > 1 else seeds[0]})
 
         # 3. render
-        images = task.run(request, context, seeds, plan)
+        with embeddings_applied(context.models, request, self.settings):  # taken out of the model afterwards
+            images = task.run(request, context, seeds, plan)
 
         # 4. describe each image for its PNG
         loaded = self.models.get(request.model)

@@ -82,6 +82,11 @@ def a1111_parameters(record: ImageRecord, width: int, height: int) -> str:
         ("Model hash", record.model_hash),
         ("Model", record.model_name),
     ]
+    vae = getattr(request, "vae", None)
+    if vae is not None:  # A1111's form: VAE hash: <10 hex>, VAE: <file name>
+        from .vae import vae_display_name
+
+        fields += [("VAE hash", vae.hash or ""), ("VAE", vae_display_name(vae))]
     strength = getattr(request, "strength", None)
     if strength is not None:
         fields.append(("Denoising strength", _format_number(strength)))
@@ -92,6 +97,11 @@ def a1111_parameters(record: ImageRecord, width: int, height: int) -> str:
         from .loras import lora_display_name
 
         fields.append(("Lora hashes", ", ".join(f"{lora_display_name(ref)}: {ref.hash or ''}" for ref in loras)))
+    embeddings = getattr(request, "embeddings", None) or []
+    if embeddings:  # A1111's form: TI hashes: "name: hash, name: hash"
+        from .embeddings import embedding_display_name
+
+        fields.append(("TI hashes", ", ".join(f"{embedding_display_name(ref)}: {ref.hash or ''}" for ref in embeddings)))
     fields.append(("Version", f"studio {record.environment.get('studio', '')}".strip()))
     # A1111 quotes values containing commas or colons.
     settings_line = ", ".join(f"{key}: {json.dumps(value) if re.search(r'[,:]', value) else value}" for key, value in fields if value)

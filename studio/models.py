@@ -30,6 +30,8 @@ from .outputs import atomic_write_bytes
 from .requests import StudioInputError, quote
 from .settings import EMBEDDED_MODEL_DIR, Settings
 from .loras import LoraFiles
+from .embeddings import EmbeddingFiles
+from .vae import VaeCache
 from .single_file import torch_load_reason
 
 log = logging.getLogger(__name__)
@@ -308,6 +310,8 @@ class ModelManager:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.lora_files = LoraFiles()  # LoRA tensors read once per file version (studio.loras)
+        self.embedding_files = EmbeddingFiles()  # embedding vectors read once per file version (studio.embeddings)
+        self.vaes = VaeCache()  # models with a request's separate VAE (studio.vae)
         self._loaded: OrderedDict[ModelRef, LoadedModel] = OrderedDict()
 
     def get(self, reference: str | None) -> LoadedModel:
@@ -352,6 +356,7 @@ class ModelManager:
             log.info("freeing model %s", ref.name)
             loaded.pipelines.clear()
             loaded.task_state.clear()
+            self.vaes.forget(ref)
             del loaded
             gc.collect()
             if torch.cuda.is_available():

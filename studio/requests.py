@@ -100,6 +100,44 @@ class LoraRef(BaseModel):
         return value
 
 
+class EmbeddingRef(BaseModel):
+    """One textual inversion embedding for the request: a name in the models folders' `embeddings/` or a path,
+    and the prompt word that calls it (default: the file's name, as A1111; a diffusers file's own token)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name_or_path: str = Field(
+        ...,
+        min_length=1,
+        max_length=1000,
+        description="An embedding's name (<models_dir>/embeddings/<name>.safetensors) or a path to its file.",
+    )
+    token: str | None = Field(
+        None,
+        min_length=1,
+        max_length=100,
+        pattern=r"^[^\s,()\[\]:]+$",
+        description="The prompt word that calls the embedding; None: the file's name (or a diffusers file's token).",
+    )
+    hash: str | None = Field(
+        None, max_length=64, description="Filled by the studio: the file's short SHA-256, as A1111's `TI hashes`."
+    )
+
+
+class VaeRef(BaseModel):
+    """A VAE used instead of the model's own: a name in the models folders' `VAE/` or a path (a single
+    .safetensors file or a diffusers AutoencoderKL folder)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name_or_path: str = Field(
+        ..., min_length=1, max_length=1000, description="A VAE's name (<models_dir>/VAE/<name>) or a path."
+    )
+    hash: str | None = Field(
+        None, max_length=64, description="Filled by the studio: the weights' short SHA-256, as A1111's `VAE hash`."
+    )
+
+
 class BaseRequest(BaseModel):
     """Fields shared by every task."""
 
@@ -133,6 +171,17 @@ class BaseRequest(BaseModel):
         description="LoRAs applied for this request only, each a name or .safetensors path with a weight; "
         "A1111's <lora:NAME:WEIGHT> in the prompt adds one.",
     )
+    embeddings: list[EmbeddingRef] = Field(
+        default_factory=list,
+        max_length=32,
+        description="Textual inversion embeddings for this request, each a name or path with its prompt word; "
+        "an embedding in the models folders' embeddings/ whose file name is a word of the prompt is added.",
+    )
+    vae: VaeRef | None = Field(
+        None,
+        description="A VAE instead of the model's own: a name in the models folders' VAE/, or a .safetensors file "
+        "or diffusers VAE folder; None: the model's.",
+    )
     model: str | None = Field(None, description="Model reference; None uses the studio's default.")
     output: str | None = Field(
         None, max_length=255, description="Output file name (batch/CLI); kept inside the output folder."
@@ -147,6 +196,12 @@ class BaseRequest(BaseModel):
                 if name in cls.model_fields and _is_number(cls.model_fields[name].annotation) and _holds_bool(value):
                     raise ValueError(f"{name} must be a number, got {quote(value)}")
         return data
+
+    @field_validator("vae", mode="before")
+    @classmethod
+    def _vae_by_name(cls, value):
+        # `--vae NAME`, `"vae": "NAME"`: a plain name or path is the usual way to give one.
+        return {"name_or_path": value} if isinstance(value, (str, Path)) else value
 
     @field_validator("guidance_scale", mode="before")
     @classmethod

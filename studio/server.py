@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python app.py",
         description="The studio's web UI and API (gradio). Serves 127.0.0.1 only unless told otherwise.",
+        allow_abbrev=False,
     )
     model = flags.add_settings_arguments(parser)
     model.add_argument("--no-preload", action="store_true", help="load the model on the first request, not at start")

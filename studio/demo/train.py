@@ -67,7 +67,7 @@ from studio.demo.training.stages import (
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="studio train-demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="studio train-demo", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--out", type=Path, default=Path("assets/embedded-model"), help="exported diffusers folder")
     p.add_argument("--work", type=Path, default=Path(".train"), help="checkpoints, caches and logs")
     p.add_argument("--stage", choices=(*STAGES, "all", "export", "speed"), default="all")
