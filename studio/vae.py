@@ -204,7 +204,11 @@ def load_vae(path: Path, loaded, settings: Settings):
                 f"VAE {quote(label)} does not fit model {quote(loaded.ref.name)}: {len(missing)} of the model's VAE "
                 f"weights are not in the file (e.g. {missing[0]!r}); is it a VAE?"
             )
-    vae.to(loaded.device, loaded.dtype).eval()
+    if vae.dtype != loaded.dtype:
+        vae.to(dtype=loaded.dtype)
+    if vae.device != loaded.device:
+        vae.to(loaded.device)
+    vae.eval()
     vae.requires_grad_(False)
     if getattr(base, "use_tiling", False):
         vae.enable_tiling()
