@@ -101,6 +101,27 @@ def _add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
 
 
+def _add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    from .settings import positive_int
+
+    group = parser.add_argument_group("scale-out (pip install 'studio[cluster]')")
+    group.add_argument(
+        "--engine", choices=("local", "ray"), default="local",
+        help="local: one job after another in this process (default); ray: a pool of Ray workers, one per GPU",
+    )
+    group.add_argument(
+        "--address", help="Ray cluster: auto (the running one), ray://HOST:PORT, local (start one here); "
+        "default: RAY_ADDRESS, else a new local cluster",
+    )
+    group.add_argument("--workers", type=positive_int, help="Ray workers (default: one per GPU, else one per CPU)")
+    group.add_argument("--gpus-per-worker", type=float, help="GPUs each worker takes (default: 1 where there are GPUs, else 0)")
+    group.add_argument("--cpus-per-worker", type=float, help="CPUs each worker takes (default 1; CPU workers use as many threads)")
+    group.add_argument(
+        "--write-from-workers", action="store_true",
+        help="workers write the PNGs into --out themselves (a path every node shares); default: they send them to this process",
+    )
+
+
 def build_parser(tasks=None) -> argparse.ArgumentParser:
     """The `studio` command line; one rendering sub-command per task of `tasks` (default: the built-in ones)."""
     from .tasks import default_registry
@@ -128,6 +149,7 @@ def build_parser(tasks=None) -> argparse.ArgumentParser:
     )
     batch.add_argument("jobs", type=Path, help="one request per line (JSONL) or per row (CSV with a header)")
     batch.add_argument("--out", type=Path, required=True, help="folder for the PNGs and manifest.jsonl")
+    _add_cluster_arguments(batch)
     _add_settings_arguments(batch)
 
     info = commands.add_parser("info", help="print the request stored in a PNG as JSON", allow_abbrev=False)
@@ -261,6 +283,13 @@ def cmd_batch(args) -> int:
     from .core import Studio
     from .progress import TqdmProgress
 
+    cluster_flags = ("address", "workers", "gpus_per_worker", "cpus_per_worker", "write_from_workers")
+    if args.engine != "ray":
+        given = [name for name in cluster_flags if getattr(args, name) not in (None, False)]
+        if given:
+            raise StudioInputError(f"--{given[0].replace('_', '-')} is a Ray option: add --engine ray")
+    else:
+        return _cmd_batch_ray(args, cluster_flags)
     quiet_libraries()
     studio = Studio(_settings(args), args.tasks)
 
@@ -271,6 +300,34 @@ def cmd_batch(args) -> int:
     print(
         f"{len(summary.rendered)} rendered, {len(summary.skipped)} already done, {len(summary.failed)} failed "
         f"-> {args.out}"
+    )
+    return EXIT_FAILED if summary.failed else 0
+
+
+def _cmd_batch_ray(args, cluster_flags) -> int:
+    from tqdm.auto import tqdm
+
+    from .cluster import ClusterOptions, run_cluster_batch
+
+    for name in ("gpus_per_worker", "cpus_per_worker"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value < float("inf"):
+            raise StudioInputError(f"--{name.replace('_', '-')} {value:g} should be 0 or more")
+    if args.cpus_per_worker == 0:
+        raise StudioInputError("--cpus-per-worker 0: a worker needs some CPU")
+    given = {name: getattr(args, name) for name in cluster_flags if getattr(args, name) is not None}
+    options = ClusterOptions(**given)
+
+    def on_job(job, status, detail):  # through tqdm, so that the progress bar stays whole
+        tqdm.write(f"line {job.line}: {status}: {detail}", file=sys.stderr if status == "failed" else sys.stdout)
+
+    summary = run_cluster_batch(
+        _settings(args), args.jobs, args.out, options, args.tasks, on_job, show_progress=not args.quiet
+    )
+    rate = f", {summary.images_per_second:.2f} images/s on {summary.workers} workers" if summary.workers else ""
+    print(
+        f"{len(summary.rendered)} rendered, {len(summary.skipped)} already done, {len(summary.failed)} failed "
+        f"-> {args.out}{rate}"
     )
     return EXIT_FAILED if summary.failed else 0
 
