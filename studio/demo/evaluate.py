@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         "--guidance-scale", type=float, default=None,
         help="CFG (ShapesEval default: the model's own; EditEval: the request default)",
     )
+    parser.add_argument(
+        "--cache-interval", type=int, default=None, help="ShapesEval: step caching every N steps (default: off)"
+    )
     parser.add_argument("--sheet", type=Path, default=None, help="contact sheet PNG (ShapesEval default: shapes_eval.png)")
     parser.add_argument("--json", type=Path, help="also write the scores as JSON here")
     edits = parser.add_argument_group("EditEval")
@@ -79,12 +82,17 @@ def main(argv: list[str] | None = None) -> int:
     images = []
     for index, scene in enumerate(tqdm(scenes, desc="rendering", unit="image")):
         result = studio.text_to_image(
-            scene.caption, seed=args.seed + index, num_inference_steps=steps, guidance_scale=guidance
+            scene.caption,
+            seed=args.seed + index,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            cache_interval=args.cache_interval,
         )
         images.append(result.images[0])
 
     scores = shapes_eval.evaluate(images, scenes)
-    print(f"ShapesEval, {len(scenes)} held-out prompts, {steps} steps, CFG {guidance}, model {args.model}")
+    caching = f", step cache every {args.cache_interval}" if args.cache_interval else ""
+    print(f"ShapesEval, {len(scenes)} held-out prompts, {steps} steps, CFG {guidance}{caching}, model {args.model}")
     for category, accuracy in scores.items():
         print(f"  {category:18s} {accuracy:.3f}")
     shapes_eval.contact_sheet(images, [scene.caption for scene in scenes], sheet)
