@@ -99,11 +99,14 @@ class LoraPipeline:
 
 def with_loras(context: TaskContext, loaded: LoadedModel, pipe, request: BaseRequest):
     """`pipe`, or, when the request has LoRAs, `pipe` whose call applies them for that call only: the cached
-    model never keeps them. Every task that samples through a pipeline gets it through here."""
+    model never keeps them; with the request's `cache_interval`, the call also caches steps (step_cache.py).
+    Every task that samples through a pipeline gets it through here."""
+    from .step_cache import with_step_cache
+
     loras = getattr(request, "loras", None)
-    if not loras:
-        return pipe
-    return LoraPipeline(pipe, loaded, loras, context.settings, context.models.lora_files)
+    if loras:
+        pipe = LoraPipeline(pipe, loaded, loras, context.settings, context.models.lora_files)
+    return with_step_cache(pipe, request.cache_interval)
 
 
 def check_output_size(request: BaseRequest, context: TaskContext) -> None:

@@ -165,6 +165,13 @@ class BaseRequest(BaseModel):
         "say are taken as 768-v, v_prediction: a 512-base file needs epsilon).",
     )
     batch_size: int = Field(1, ge=1, le=MAX_BATCH_SIZE, description="Images made from this request.")
+    cache_interval: int | None = Field(
+        None,
+        ge=1,
+        le=10,
+        description="Step caching (DeepCache): run the whole UNet every this many steps and reuse its deep "
+        "features in between (faster, slightly different images); None or 1: off.",
+    )
     loras: list[LoraRef] = Field(
         default_factory=list,
         max_length=16,
