@@ -170,6 +170,9 @@ def build_parser(tasks=None) -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="list the models available locally", allow_abbrev=False)
     models.add_argument("--models-dir", type=Path, action="append", default=[], help="a folder of models to list")
+    models.add_argument(
+        "--no-hash", action="store_true", help="show only hashes already known (no file is read in full)"
+    )
 
     commands.add_parser("train-demo", help="train the embedded model (resumable)", add_help=False)
     commands.add_parser("eval", help="ShapesEval of a model on the toy world", add_help=False)
@@ -374,10 +377,18 @@ def _announce_input(name: str, path) -> None:
 
 
 def cmd_models(args) -> int:
-    from .models import list_local_models
+    from .models import list_local_models, size_text
 
-    for model in list_local_models(_settings(args)):
-        print(f"{model['reference']}\t{model['kind']}\t{model['location']}")
+    hashes = "cached" if args.no_hash else True
+    entries = list_local_models(_settings(args), add_ons=True, hashes=hashes)
+    rows = [("TYPE", "NAME", "ARCH", "SIZE", "HASH", "REFERENCE")]
+    rows += [
+        (e["type"], e["name"], e["architecture"] or "-", size_text(e["size"]), e["hash"] or "-", e["reference"])
+        for e in entries
+    ]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
     return 0
 
 

@@ -387,27 +387,192 @@ def find_model_by_hash(short_hash: str, settings: Settings) -> str | None:
     return None
 
 
-def list_local_models(settings: Settings) -> list[dict]:
-    """What `studio models` shows: the embedded model, folders and checkpoints in models_dirs, cached hub models."""
+# The A1111 models folder: what each sub-folder holds. Files beside them (the flat layout) are told by their keys.
+A1111_FOLDERS = {"Stable-diffusion": "checkpoint", "Lora": "lora", "embeddings": "embedding", "VAE": "vae"}
+ADD_ON_TYPES = ("lora", "embedding", "vae")
+# Cross-attention / token width -> the family a file was made for.
+WIDTH_ARCHITECTURES = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl"}
+SINGLE_FILE_ARCHITECTURES = {"sd15": "sd1", "sd21": "sd2", "sd2_base": "sd2", "sdxl": "sdxl", "sdxl_refiner": "sdxl-refiner"}
+
+
+def list_local_models(settings: Settings, add_ons: bool = False, hashes: bool | str = False) -> list[dict]:
+    """What `studio models` shows: the embedded model, the checkpoints in the models folders (their
+    `Stable-diffusion/` and the flat layout: diffusers folders, and files told by their keys), cached hub models;
+    with `add_ons`, the LoRAs (`Lora/`), embeddings (`embeddings/`) and VAEs (`VAE/`) too.
+
+    Each entry: reference (what --model, --lora, --embedding or --vae takes), kind (how it loads), location,
+    type (checkpoint, lora, embedding, vae), name, architecture (sd1, sd2, sdxl, from tensor shapes read without
+    loading), size in bytes and short hash: computed with `hashes=True` (cached by path, size and mtime),
+    only when already cached with "cached", none with False.
+    """
     found = []
     if (EMBEDDED_MODEL_DIR / "model_index.json").is_file():
-        found.append({"reference": "embedded", "kind": "embedded", "location": str(EMBEDDED_MODEL_DIR)})
+        architecture = _folder_architecture(EMBEDDED_MODEL_DIR)
+        found.append(_listed("checkpoint", EMBEDDED_MODEL_DIR, "embedded", "embedded", "embedded", architecture))
     for root in settings.models_dirs:
         root = Path(root).expanduser()
         if not root.is_dir():
             continue
-        for entry in sorted(root.iterdir()):
-            if entry.is_dir() and (entry / "model_index.json").is_file():
-                found.append({"reference": str(entry), "kind": "folder", "location": str(entry)})
-            elif entry.is_file() and entry.suffix.lower() in SINGLE_FILE_SUFFIXES:
-                kind = "single_file" if entry.suffix.lower() == ".safetensors" else "pickle (needs --allow-pickle)"
-                found.append({"reference": str(entry), "kind": kind, "location": str(entry)})
+        for folder_name, folder_type in A1111_FOLDERS.items():
+            folder = root / folder_name
+            if folder.is_dir() and (add_ons or folder_type == "checkpoint"):
+                found += [entry for path in sorted(folder.iterdir()) for entry in _folder_entry(path, folder_type)]
+        for path in sorted(root.iterdir()):
+            if path.name not in A1111_FOLDERS:
+                found += [entry for entry in _folder_entry(path, None) if add_ons or entry["type"] == "checkpoint"]
     try:
         from huggingface_hub import scan_cache_dir
 
         for repo in scan_cache_dir().repos:
             if repo.repo_type == "model":
-                found.append({"reference": repo.repo_id, "kind": "hub (cached)", "location": str(repo.repo_path)})
+                found.append(_listed("checkpoint", Path(repo.repo_path), repo.repo_id, "hub (cached)", repo.repo_id, ""))
     except Exception:  # no cache folder yet
         pass
+    if hashes:
+        for entry in found:
+            entry["hash"] = _listed_hash(entry, settings.hash_cache, compute=hashes is True)
     return found
+
+
+def _listed(type_: str, path: Path, reference: str, kind: str, name: str, architecture: str) -> dict:
+    return {
+        "reference": reference, "kind": kind, "location": str(path), "type": type_, "name": name,
+        "architecture": architecture, "size": _size(path), "hash": "",
+    }
+
+
+def _folder_entry(path: Path, folder_type: str | None) -> list[dict]:
+    """The entry for one file or folder of a models folder; `folder_type`: what its A1111 sub-folder holds
+    (None: the flat layout, told by the file's keys)."""
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        if (path / "model_index.json").is_file() and folder_type in (None, "checkpoint"):
+            return [_listed("checkpoint", path, str(path), "folder", path.name, _folder_architecture(path))]
+        if folder_type == "vae" and ((path / "config.json").is_file() or (path / "vae" / "config.json").is_file()):
+            return [_listed("vae", path, path.name, "folder", path.name, "kl-f8")]
+        return []
+    if not path.is_file() or suffix not in SINGLE_FILE_SUFFIXES:
+        return []
+    if suffix != ".safetensors":  # a pickle is not opened to be told apart
+        type_ = folder_type or "checkpoint"
+        kind = "pickle (needs --allow-pickle)"
+        return [_listed(type_, path, _add_on_reference(type_, path, folder_type), kind, _add_on_name(type_, path), "")]
+    type_, architecture = classify_weights_file(path)
+    if folder_type is not None and type_ != folder_type:
+        type_ = folder_type if type_ == "unknown" else type_  # trust the keys over the folder
+    kind = "single_file" if type_ == "checkpoint" else "safetensors"
+    return [_listed(type_, path, _add_on_reference(type_, path, folder_type), kind, _add_on_name(type_, path), architecture)]
+
+
+def _add_on_reference(type_: str, path: Path, folder_type: str | None) -> str:
+    """What the flags take: a checkpoint's path; a LoRA, embedding or VAE by name where the resolvers look for
+    names (LoRAs: Lora/ and the flat layout, .safetensors only; embeddings: embeddings/; VAEs: VAE/), else its path."""
+    safetensors = path.suffix.lower() == ".safetensors"
+    by_name = {
+        "lora": folder_type in ("lora", None) and safetensors,
+        "embedding": folder_type == "embedding",
+        "vae": folder_type == "vae",
+    }
+    return _add_on_name(type_, path) if by_name.get(type_) else str(path)
+
+
+def _add_on_name(type_: str, path: Path) -> str:
+    return path.name if type_ == "vae" else path.stem
+
+
+def classify_weights_file(path: Path) -> tuple[str, str]:
+    """(type, architecture) of a .safetensors file from its key names and shapes (the header only):
+    checkpoint, lora, embedding, vae or unknown; sd1, sd2, sdxl, or "" when the shapes do not say."""
+    from .single_file import SingleFileError, UnknownArchitectureError, detect_architecture, read_safetensors_header
+
+    try:
+        shapes, _ = read_safetensors_header(path)
+    except Exception:  # a damaged file: listed, as unknown
+        return "unknown", ""
+    keys = list(shapes)
+    if any(key.startswith("model.diffusion_model.") for key in keys):
+        try:
+            architecture = SINGLE_FILE_ARCHITECTURES.get(detect_architecture(keys, shapes), "")
+        except (UnknownArchitectureError, SingleFileError):
+            architecture = ""
+        if architecture and shapes.get("model.diffusion_model.input_blocks.0.0.weight", (0, 4))[1] == 9:
+            architecture += "-inpainting"
+        return "checkpoint", architecture
+    if any("lora" in key.lower() for key in keys):
+        return "lora", _lora_architecture(keys, shapes)
+    if "emb_params" in shapes or "string_to_param" in shapes or ("clip_l" in shapes and "clip_g" in shapes) or (
+        len(keys) == 1 and 1 <= len(shapes[keys[0]]) <= 2
+    ):
+        if "clip_g" in shapes:
+            return "embedding", "sdxl"
+        return "embedding", WIDTH_ARCHITECTURES.get(shapes[keys[0]][-1] if len(keys) == 1 else shapes["emb_params"][-1], "")
+    vae_keys = [key.removeprefix("first_stage_model.").removeprefix("vae.") for key in keys]
+    if any(key.startswith(("decoder.up.", "decoder.up_blocks.")) for key in vae_keys) and any(
+        key.startswith("encoder.") for key in vae_keys
+    ):
+        return "vae", "kl-f8"
+    return "unknown", ""
+
+
+def _lora_architecture(keys: list[str], shapes: dict) -> str:
+    """A LoRA's family from its cross-attention key projection's input width (or a second text encoder)."""
+    if any(key.startswith(("lora_te2_", "text_encoder_2.", "te2.")) for key in keys):
+        return "sdxl"
+    for key in keys:
+        lowered = key.lower()
+        if "attn2" in lowered and "to_k" in lowered and ("lora_down" in lowered or "lora_a" in lowered or "lora.down" in lowered):
+            return WIDTH_ARCHITECTURES.get(shapes[key][-1], "")
+    return ""
+
+
+def _folder_architecture(folder: Path) -> str:
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    architecture = WIDTH_ARCHITECTURES.get(unet.get("cross_attention_dim") if isinstance(unet, dict) else None, "")
+    if architecture and isinstance(unet, dict) and unet.get("in_channels") == 9:
+        architecture += "-inpainting"
+    return architecture
+
+
+def _size(path: Path) -> int:
+    try:
+        if path.is_file():
+            return path.stat().st_size
+        return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
+    except OSError:
+        return 0
+
+
+def size_text(size: int) -> str:
+    """A file size as people read it (12 B, 3.4 MB, 2.1 GB)."""
+    if size < 1024:
+        return f"{size} B"
+    for unit in ("KB", "MB", "GB"):
+        size /= 1024
+        if size < 1024 or unit == "GB":
+            return f"{size:.1f} {unit}"
+
+
+def _listed_hash(entry: dict, cache: Path | None, compute: bool) -> str:
+    """The entry's short hash: the hash cache's, or (`compute`) hashed now; "" for what has no weights file."""
+    location = Path(entry["location"])
+    if entry["kind"] == "hub (cached)":
+        return ""
+    if location.is_dir() and entry["type"] == "vae":
+        from .vae import weights_file
+
+        location = weights_file(location) or location
+    ref = ModelRef("single_file" if location.is_file() else "folder", str(location), entry["name"])
+    if not compute:
+        if ref.kind != "single_file":
+            return ""
+        known = _read_hash_cache(cache).get(str(location.resolve()))
+        stat = location.stat()
+        fresh = isinstance(known, dict) and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns
+        return known["sha256"][:10] if fresh else ""
+    try:
+        return weights_hash(ref, cache)
+    except (OSError, StudioInputError):
+        return ""

@@ -196,3 +196,100 @@ def test_a_png_replays_after_its_model_moved(sd15_folder, tmp_path):
     assert announced == [("model (found by its hash)", str(models_dir / "renamed"))]
     with pytest.raises(StudioInputError, match="is gone.*--models-dir.*--model"):
         Studio(Settings()).replay(png)
+
+
+def _write(path, tensors):
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({key: torch.zeros(shape, dtype=torch.float16) for key, shape in tensors.items()}, str(path))
+    return path
+
+
+def a1111_models_folder(root):
+    """An A1111 models folder with one of each kind (header-true shapes, zero weights), and the flat layout."""
+    unet = "model.diffusion_model."
+    _write(root / "Stable-diffusion" / "sd15.safetensors", {
+        unet + "input_blocks.0.0.weight": (8, 4, 3, 3),
+        unet + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (8, 768),
+        "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": (2, 768),
+        "first_stage_model.decoder.conv_out.weight": (3, 8, 3, 3),
+    })
+    _write(root / "sdxl-inpaint.safetensors", {  # the flat layout, told by its keys
+        unet + "input_blocks.0.0.weight": (8, 9, 3, 3),
+        unet + "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": (8, 2048),
+        "conditioner.embedders.1.model.token_embedding.weight": (2, 1280),
+        "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight": (2, 768),
+        "first_stage_model.decoder.conv_out.weight": (3, 8, 3, 3),
+    })
+    folder = root / "Stable-diffusion" / "sd2-folder"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    (folder / "unet" / "config.json").write_text(json.dumps({"cross_attention_dim": 1024, "in_channels": 4}))
+    _write(root / "Lora" / "detail.safetensors", {
+        "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k.lora_down.weight": (4, 768),
+        "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k.lora_up.weight": (320, 4),
+    })
+    _write(root / "xl-style.safetensors", {  # a flat-layout LoRA for SDXL
+        "lora_te2_text_model_encoder_layers_0_self_attn_k_proj.lora_down.weight": (4, 1280),
+        "lora_te2_text_model_encoder_layers_0_self_attn_k_proj.lora_up.weight": (1280, 4),
+    })
+    _write(root / "embeddings" / "easyneg.safetensors", {"emb_params": (2, 768)})
+    _write(root / "embeddings" / "xl-emb.safetensors", {"clip_l": (1, 768), "clip_g": (1, 1280)})
+    _write(root / "sd2-emb.safetensors", {"emb_params": (1, 1024)})  # flat layout: by path only
+    _write(root / "VAE" / "vae-ft-mse.safetensors", {
+        "encoder.down.0.block.0.conv1.weight": (8, 8, 3, 3), "decoder.up.0.block.0.conv1.weight": (8, 8, 3, 3),
+    })
+    (root / "VAE" / "vae-folder").mkdir()
+    (root / "VAE" / "vae-folder" / "config.json").write_text("{}")
+    (root / "old.ckpt").write_bytes(b"PK\x03\x04 a pickle")
+    return root
+
+
+def test_models_lists_each_kind_of_an_a1111_folder(tmp_path, capsys):
+    from studio.cli import main
+    from studio.models import list_local_models
+    from studio.loras import lora_hash
+
+    root = a1111_models_folder(tmp_path / "models")
+    assert main(["models", "--models-dir", str(root)]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert lines[0] == ["TYPE", "NAME", "ARCH", "SIZE", "HASH", "REFERENCE"]
+    table = {(row[0], row[1]): row for row in lines[1:]}
+    expected = {  # (type, name): (architecture, reference)
+        ("checkpoint", "sd15"): ("sd1", str(root / "Stable-diffusion" / "sd15.safetensors")),
+        ("checkpoint", "sd2-folder"): ("sd2", str(root / "Stable-diffusion" / "sd2-folder")),
+        ("checkpoint", "sdxl-inpaint"): ("sdxl-inpainting", str(root / "sdxl-inpaint.safetensors")),
+        ("lora", "detail"): ("sd1", "detail"),
+        ("lora", "xl-style"): ("sdxl", "xl-style"),
+        ("embedding", "easyneg"): ("sd1", "easyneg"),
+        ("embedding", "xl-emb"): ("sdxl", "xl-emb"),
+        ("embedding", "sd2-emb"): ("sd2", str(root / "sd2-emb.safetensors")),
+        ("vae", "vae-ft-mse.safetensors"): ("kl-f8", "vae-ft-mse.safetensors"),
+        ("vae", "vae-folder"): ("kl-f8", "vae-folder"),
+        ("checkpoint", "old"): ("-", str(root / "old.ckpt")),
+    }
+    for key, (architecture, reference) in expected.items():
+        row = table[key]
+        assert row[2] == architecture and row[-1] == reference, row
+    assert table[("lora", "detail")][5] == lora_hash(root / "Lora" / "detail.safetensors", Settings())
+    assert ("checkpoint", "embedded") in table
+    # The model choices (UI, --model, replay by hash) are the checkpoints only.
+    references = {entry["reference"] for entry in list_local_models(Settings(models_dirs=(root,)))}
+    assert references == {"embedded", *(ref for (kind, _), (_, ref) in expected.items() if kind == "checkpoint")}
+
+
+def test_the_ui_models_tab_lists_the_same_without_reading_whole_files(tmp_path, capsys):
+    from studio.cli import main
+    from studio.ui.models_tab import models_folder_rows
+
+    root = a1111_models_folder(tmp_path / "models")
+    settings = Settings(models_dirs=(root,))
+    rows = {(row[0], row[1]): row for row in models_folder_rows(settings)}
+    assert rows[("embedding", "easyneg")][2] == "sd1" and rows[("embedding", "easyneg")][4:] == ["-", "easyneg"]
+    assert rows[("vae", "vae-ft-mse.safetensors")][4] == "-"  # not hashed yet: the listing reads headers only
+    main(["models", "--models-dir", str(root)])  # hashes every file once (the hash cache keeps them)
+    capsys.readouterr()
+    rows = {(row[0], row[1]): row for row in models_folder_rows(settings)}
+    assert len(rows[("vae", "vae-ft-mse.safetensors")][4]) == 10
+    assert {kind for kind, _ in rows} == {"checkpoint", "lora", "embedding", "vae"}

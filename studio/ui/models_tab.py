@@ -1,4 +1,5 @@
-"""The Models and settings tab: the model, device and memory options, applied through a fresh Studio."""
+"""The Models and settings tab: the model, device and memory options, applied through a fresh Studio; and what
+the models folders hold (checkpoints, LoRAs, embeddings, VAEs), as `studio models` lists it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,20 @@ from studio.requests import StudioInputError, quote
 from studio.settings import ADD_ON_FOLDERS
 
 from .runner import StudioUI, friendly
+
+CONTENT_COLUMNS = ("type", "name", "architecture", "size", "hash", "reference")
+
+
+def models_folder_rows(settings) -> list[list[str]]:
+    """One row per checkpoint, LoRA, embedding and VAE the models folders hold; hashes only where already known
+    (a listing never reads gigabytes: `studio models` or a first use hashes a file)."""
+    from studio.models import list_local_models, size_text
+
+    return [
+        [entry["type"], entry["name"], entry["architecture"] or "-", size_text(entry["size"]), entry["hash"] or "-",
+         entry["reference"]]
+        for entry in list_local_models(settings, add_ons=True, hashes="cached")
+    ]
 
 
 def build_models_tab(ui: StudioUI, demo: gr.Blocks, tab: gr.Tab) -> None:
@@ -68,6 +83,15 @@ def build_models_tab(ui: StudioUI, demo: gr.Blocks, tab: gr.Tab) -> None:
                 refresh = gr.Button("Refresh list")
         with gr.Column(scale=4):
             status = gr.Markdown(elem_classes="studio-status", elem_id="models-status")
+    contents = gr.Dataframe(
+        headers=list(CONTENT_COLUMNS),
+        value=[],
+        interactive=False,
+        wrap=True,
+        label="In the models folders (--models-dir): checkpoints, LoRAs (<lora:NAME:WEIGHT> in a prompt), "
+        "embeddings (their NAME in a prompt) and VAEs",
+        elem_id="models-contents",
+    )
 
     def describe():
         settings = ui.settings
@@ -128,7 +152,7 @@ def build_models_tab(ui: StudioUI, demo: gr.Blocks, tab: gr.Tab) -> None:
         return describe()
 
     def refresh_list():
-        return gr.Dropdown(choices=choices()), describe()
+        return gr.Dropdown(choices=choices()), describe(), models_folder_rows(ui.settings)
 
     private = {"api_visibility": "private"}
     device_queue = {"concurrency_id": "device", "concurrency_limit": 1}
@@ -140,6 +164,7 @@ def build_models_tab(ui: StudioUI, demo: gr.Blocks, tab: gr.Tab) -> None:
         **device_queue,
     )
     load.click(load_now, None, status, **private, **device_queue)
-    refresh.click(refresh_list, None, [model, status], **private, queue=False)
-    demo.load(refresh_list, None, [model, status], **private, queue=False)
-    tab.select(refresh_list, None, [model, status], **private, queue=False)
+    listed = [model, status, contents]
+    refresh.click(refresh_list, None, listed, **private, queue=False)
+    demo.load(refresh_list, None, listed, **private, queue=False)
+    tab.select(refresh_list, None, listed, **private, queue=False)
