@@ -177,15 +177,15 @@ def _native_side_from_config(models: ModelManager, reference: str | None) -> int
 
 
 def warn_if_truncated(pipe, prompt: str, context: TaskContext, field_name: str = "prompt") -> None:
-    """CLIP sees at most model_max_length tokens; say so instead of silently dropping the rest."""
-    tokenizer = pipe.tokenizer
-    if not prompt or tokenizer is None:
+    """Long prompts are encoded in chunks (pipelines.prompts), up to a limit; say so instead of silently
+    dropping what lies past it."""
+    from .prompts import prompt_token_count
+
+    if not prompt or getattr(pipe, "tokenizer", None) is None and getattr(pipe, "tokenizer_2", None) is None:
         return
-    token_count = len(tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids)
-    if token_count > tokenizer.model_max_length:
-        context.warnings.append(
-            f"{field_name} is {token_count} tokens long; only the first {tokenizer.model_max_length} are used"
-        )
+    token_count, limit = prompt_token_count(pipe, prompt)
+    if token_count > limit:
+        context.warnings.append(f"{field_name} is {token_count} tokens long; only the first {limit} are used")
 
 
 def _latents_mean_std(vae, latents: torch.Tensor):

@@ -140,8 +140,13 @@ def fit(loss_of, params: list, lr: float, total: int, stage: str, progress) -> N
 # --------------------------------------------------------------------------- prompts
 
 
-def encode_target(pipe, prompt: str, device) -> dict:
-    """The prompt's text embedding(s) as the UNet takes them (SDXL: with the pooled embedding)."""
+def encode_target(pipe, prompt: str, device, prompts: dict | None = None) -> dict:
+    """The prompt's text embedding(s) as the UNet takes them (SDXL: with the pooled embedding). `prompts`:
+    what pipelines.prompts.prompt_kwargs gave for the sampling call; its embeddings, when it has them."""
+    if prompts is not None and "prompt_embeds" in prompts:  # A1111 weights, BREAK or a long prompt
+        names = ("prompt_embeds", "pooled_prompt_embeds")
+        return {name: prompts[name].to(device) for name in names if name in prompts}
+    prompt = prompts["prompt"] if prompts is not None else prompt
     with torch.no_grad():
         encoded = pipe.encode_prompt(
             prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False

@@ -209,6 +209,7 @@ def run(request: ImagicRequest, context: TaskContext, seeds: list[int], plan=Non
         warn_if_truncated,
     )
     from .finetune import encode_target
+    from .prompts import prompt_kwargs
 
     # 1. load the model (cached); the input image at the working size
     loaded = context.models.get(request.model)
@@ -219,7 +220,9 @@ def run(request: ImagicRequest, context: TaskContext, seeds: list[int], plan=Non
     image = image.resize((width, height), resample=3)
     warn_if_truncated(base, request.prompt, context)
     warn_if_truncated(base, request.negative_prompt, context, "negative_prompt")
-    target = encode_target(base, request.prompt, loaded.device)
+    prompts = prompt_kwargs(base, request.prompt, request.negative_prompt)  # A1111 syntax, long prompts
+    target = encode_target(base, request.prompt, loaded.device, prompts)
+    negative = {name: value for name, value in prompts.items() if name.startswith("negative")}
 
     # 2. stages 1-2: the optimised embedding and fine-tuned UNet, from the cache or trained now
     cache = imagic_cache(loaded)
@@ -245,7 +248,7 @@ def run(request: ImagicRequest, context: TaskContext, seeds: list[int], plan=Non
         height=height,
         callback_on_step_end=context.progress.diffusers_callback("sampling", request.num_inference_steps),
         **embeds,
-        **sampling_kwargs(request, seeds),
+        **{**sampling_kwargs(request, seeds), "negative_prompt": None, **negative},
     )
     context.progress.raise_if_cancelled()
 

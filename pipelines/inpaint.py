@@ -175,6 +175,7 @@ def run(request: InpaintRequest, context: TaskContext, seeds: list[int], plan=No
         with_loras,
         with_scheduler,
     )
+    from .prompts import with_prompt_weights
 
     # 1. the canvas and masks, as check_inputs planned them
     plan = plan or plan_inpaint(request, context.images)
@@ -184,6 +185,7 @@ def run(request: InpaintRequest, context: TaskContext, seeds: list[int], plan=No
     loaded = context.models.get(request.model)
     pipe = context.models.derive(loaded, _pipeline_class(loaded))
     pipe = with_scheduler(context, loaded, pipe, request.scheduler, request.prediction_type)
+    pipe = with_prompt_weights(pipe)  # A1111 prompt syntax and long prompts, encoded at call time
     pipe = with_loras(context, loaded, pipe, request)  # the request's LoRAs, for its sampling call only
     factor = pipe.vae_scale_factor
     warn_if_truncated(pipe, request.prompt, context)

@@ -287,6 +287,7 @@ def _derived(context: TaskContext, loaded, pipeline_class, request, cache_key: s
     """A pipeline of `pipeline_class` sharing the loaded weights, plus `components` (cached per key), with the
     request's sampler and prediction type."""
     from .common import with_loras, with_scheduler
+    from .prompts import with_prompt_weights
 
     if components and cache_key:
         key = f"{pipeline_class.__name__}[{cache_key}]"
@@ -298,6 +299,7 @@ def _derived(context: TaskContext, loaded, pipeline_class, request, cache_key: s
     else:
         pipe = context.models.derive(loaded, pipeline_class, **components)
     pipe = with_scheduler(context, loaded, pipe, request.scheduler, request.prediction_type, **components)
+    pipe = with_prompt_weights(pipe)  # A1111 prompt syntax and long prompts, encoded at call time
     return with_loras(context, loaded, pipe, request)  # the request's LoRAs, for its sampling call only
 
 

@@ -164,6 +164,7 @@ def run(request: StyleTransferRequest, context: TaskContext, seeds: list[int], p
         warn_if_truncated,
         with_loras,
     )
+    from .prompts import with_prompt_weights
 
     method = resolve_method(request)
 
@@ -196,13 +197,13 @@ def run(request: StyleTransferRequest, context: TaskContext, seeds: list[int], p
     elif method == "ip_adapter":
         config = ip_adapter_config(context.settings)
         pipe = context.models.derive(loaded, pipeline_class, scheduler=scheduler)
-        pipe = with_loras(context, loaded, pipe, request)  # the request's LoRAs, for its sampling call only
+        pipe = with_loras(context, loaded, with_prompt_weights(pipe), request)  # LoRAs for this call only
         reference = flatten(context.images["reference_image"])
         with ip_adapter_loaded(pipe, config, request.style_strength):
             output = pipe(ip_adapter_image=reference, **call)
     else:
         pipe = context.models.derive(loaded, pipeline_class, scheduler=scheduler)
-        pipe = with_loras(context, loaded, pipe, request)
+        pipe = with_loras(context, loaded, with_prompt_weights(pipe), request)
         output = pipe(**call)
     context.progress.raise_if_cancelled()
 
@@ -217,13 +218,14 @@ def _run_reference(request, context, loaded, pipeline_class, scheduler, call):
 
     from .attention import reference_unet, shared_attention
     from .common import encode_image, with_loras
+    from .prompts import with_prompt_weights
 
     base = loaded.pipe
     width, height = call["image"].size
     reference = ImageOps.fit(flatten(context.images["reference_image"]), (width, height), method=3)
     wrapper = reference_unet(base, encode_image(base, reference), request.style_strength, REFERENCE_NOISE_SEED)
     pipe = context.models.derive(loaded, pipeline_class, unet=wrapper, scheduler=scheduler)
-    pipe = with_loras(context, loaded, pipe, request)  # loaded into the base UNet the wrapper runs
+    pipe = with_loras(context, loaded, with_prompt_weights(pipe), request)  # into the base UNet the wrapper runs
     with shared_attention(base.unet, wrapper.state):
         return pipe(**call)
 

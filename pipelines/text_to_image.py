@@ -36,11 +36,13 @@ def run(request: TextToImageRequest, context: TaskContext, seeds: list[int], pla
         with_loras,
         with_scheduler,
     )
+    from .prompts import with_prompt_weights
 
     # 1. load the model (cached) and pick the sampler
     loaded = context.models.get(request.model)
     check_standard_unet(loaded, "text_to_image")
     pipe = with_scheduler(context, loaded, loaded.pipe, request.scheduler, request.prediction_type)
+    pipe = with_prompt_weights(pipe)  # A1111 prompt syntax and long prompts, encoded at call time
     pipe = with_loras(context, loaded, pipe, request)  # the request's LoRAs, for its sampling call only
     width, height = output_size(request, native_side(pipe))
 
