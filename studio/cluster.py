@@ -261,16 +261,21 @@ def _render_all(ray, pool, to_render, record, write_from_workers: bool, show_pro
         for worker in pool:
             send(worker)
         while running:
-            [ref], _ = ray.wait(list(running), num_returns=1)
-            job, plan, worker = running.pop(ref)
-            send(worker)  # before writing: the worker renders the next job while the driver writes this one
-            _settle(ray, ref, job, plan, record, write_from_workers)
+            # Every result ready now, not one per call: with many workers, one wait per result costs more than it saves.
+            ready, others = ray.wait(list(running), num_returns=1)
+            if others:
+                ready += ray.wait(others, num_returns=len(others), timeout=0)[0]
+            finished = [(ref, *running.pop(ref)) for ref in ready]
+            for _, _, _, worker in finished:
+                send(worker)  # before writing: the workers render the next jobs while the driver writes these
+            for ref, job, plan, _ in finished:
+                _settle(ray, ref, job, plan, record, write_from_workers)
             summary.render_seconds = time.perf_counter() - started
             done, failed, left = len(summary.rendered) + len(summary.skipped), len(summary.failed), len(waiting) + len(running)
             bar.set_postfix_str(
                 f"done {done}, failed {failed}, left {left}, {summary.images_per_second:.2f} images/s", refresh=False
             )
-            bar.update(1)
+            bar.update(len(finished))
     finally:
         bar.close()
 

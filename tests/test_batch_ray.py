@@ -186,7 +186,7 @@ def test_a_bad_line_fails_alone(cluster, tmp_path, write_from_workers):
         {"prompt": "good 2", "seed": 2, "num_inference_steps": 2, "output": "named/two"},
     ]
     jobs, out = write_jobs(tmp_path / "jobs.jsonl", lines), tmp_path / "out"
-    options = ClusterOptions(workers=2, write_from_workers=write_from_workers)
+    options = ClusterOptions(workers=1, write_from_workers=write_from_workers)
     summary = run_cluster_batch(Settings(), jobs, out, options)
     assert sorted(summary.failed) == [2, 3, 4], summary.failed
     assert "JSON" in summary.failed[2] and "100" in summary.failed[3]
@@ -198,3 +198,15 @@ def test_a_bad_line_fails_alone(cluster, tmp_path, write_from_workers):
     assert prompts == {"good 1", "good 2"}
     failed = [json.loads(line) for line in (out / MANIFEST_NAME).read_text().splitlines()]
     assert sorted(entry["line"] for entry in failed if entry["state"] == "failed") == [2, 3, 4]
+
+
+def test_ray_flags_need_the_ray_engine_and_gpus_the_cluster_has(cluster, tmp_path, capsys):
+    from studio.cli import EXIT_BAD_INPUT, main
+    from studio.requests import StudioInputError
+
+    jobs, out = write_jobs(tmp_path / "jobs.jsonl", [{"prompt": "a", "num_inference_steps": 1}]), tmp_path / "out"
+    assert main(["batch", str(jobs), "--out", str(out), "--workers", "2"]) == EXIT_BAD_INPUT
+    assert "--workers is a Ray option: add --engine ray" in capsys.readouterr().err
+    with pytest.raises(StudioInputError, match="has 0 GPUs"):
+        run_cluster_batch(Settings(), jobs, out, ClusterOptions(gpus_per_worker=1))
+    assert not pngs(out)
