@@ -139,3 +139,20 @@ def test_cli_vae_flag_is_never_vae_tiling(sd15_folder, models_dir, tmp_path):
     common += ["-W", "64", "-H", "64", "--quiet"]
     assert main(["generate", "a red circle", "--vae", "other", "-o", str(tmp_path / "vae.png"), *common]) == 0
     assert "VAE: other.safetensors" in Image.open(tmp_path / "vae.png").text["parameters"]
+
+
+def test_vae_embedding_and_lora_together_then_the_base_again(vae_studio, models_dir, sd15_folder):
+    from diffusers import UNet2DConditionModel
+    from test_loras import write_kohya_lora
+
+    write_kohya_lora(models_dir / "Lora" / "tiny.safetensors", UNet2DConditionModel.from_pretrained(sd15_folder / "unet"))
+    (models_dir / "embeddings").mkdir(exist_ok=True)
+    vectors = torch.randn(1, 32, generator=torch.Generator().manual_seed(2)) * 2
+    save_file({"emb_params": vectors}, str(models_dir / "embeddings" / "blobstyle.safetensors"))
+    base = render(vae_studio, "a red circle blobstyle")
+    assert [ref.name_or_path for ref in base.request.embeddings] == ["blobstyle"]
+    plain = render(vae_studio)
+    together = render(vae_studio, "a red circle blobstyle <lora:tiny:1>", vae="other")
+    assert together.request.vae.name_or_path == "other.safetensors" and together.request.loras[0].name_or_path == "tiny"
+    assert np.abs(pixels(together.images[0]) - pixels(base.images[0])).max() > 0
+    assert np.array_equal(pixels(render(vae_studio).images[0]), pixels(plain.images[0]))
