@@ -596,3 +596,33 @@ def test_many_concurrent_requests_are_bounded(blocking, tmp_path):
     assert sorted(outcomes, key=lambda o: o != "1")[:2] == ["1", "1"]
     assert sum("queue is full" in o.lower() for o in outcomes) == 18
     assert studio.most_at_once == 1
+
+
+PAGE_BEFORE_TORCH = """
+import sys, time, httpx
+sys.path.insert(0, {tests!r})
+from helpers import serve
+from studio.settings import Settings
+
+server = serve(None, Settings(outputs_dir={outputs!r}))
+page = httpx.get(server.url, timeout=30)
+print("page", page.status_code, "torch" in sys.modules, "diffusers" in sys.modules)
+ui = server.demo.studio_ui
+ui.start_preload()
+print("preloading", ui.preloading)
+deadline = time.monotonic() + 120
+while ui.preloading and time.monotonic() < deadline:
+    time.sleep(0.2)
+print("loaded", ui.preload_seconds is not None, ui.preload_error, "torch" in sys.modules)
+"""
+
+
+def test_the_page_is_served_before_torch_loads_and_the_model_loads_behind_it(tmp_path):
+    """`python app.py` builds the UI without a Studio: torch, diffusers and the model come after the page."""
+    import subprocess
+    import sys
+
+    script = PAGE_BEFORE_TORCH.format(tests=str(Path(__file__).parent), outputs=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    lines = done.stdout.splitlines()
+    assert lines[:3] == ["page 200 False False", "preloading True", "loaded True None True"], done.stdout + done.stderr

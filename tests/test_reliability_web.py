@@ -494,13 +494,20 @@ BAD_NUMBERS = [
 ]
 
 
+def _text_to_image_data(served, **fields) -> list:
+    """The text_to_image endpoint's positional data: its defaults (from the API's info), a quick request, `fields`."""
+    info = httpx.get(served.url.rstrip("/") + "/gradio_api/info", timeout=30).json()
+    parameters = info["named_endpoints"]["/text_to_image"]["parameters"]
+    values = {item["parameter_name"]: item["parameter_default"] for item in parameters}  # the endpoint's order
+    values.update({"prompt": "x", "seed": -1, "width": 0, "height": 0, "num_inference_steps": 1, **fields})
+    return list(values.values())
+
+
 def test_case_10_bad_numbers_are_refused_by_name_before_any_model_call(served, tmp_path, model_calls):
     """Raw API calls (NaN and inf travel as JSON's NaN/Infinity). Width/height 0 are the UI's documented
     "the model's size", so they are not errors here."""
-    defaults = {"prompt": "x", "negative_prompt": "", "seed": -1, "width": 0, "height": 0, "num_inference_steps": 1,
-                "guidance_scale": 7.0, "scheduler": "model default", "batch_size": 1}  # the endpoint's order
     for fields, quoted in BAD_NUMBERS:
-        body = json.dumps({"data": list({**defaults, **fields}.values())})  # allow_nan: NaN, Infinity
+        body = json.dumps({"data": _text_to_image_data(served, **fields)})  # allow_nan: NaN, Infinity
         with httpx.Client(timeout=30) as http:
             response = http.post(served.url.rstrip("/") + "/gradio_api/call/text_to_image", content=body,
                                  headers={"Content-Type": "application/json"})
@@ -646,7 +653,7 @@ def test_case_13_a_hundred_concurrent_requests_meet_a_bounded_queue(served, monk
 
     monkeypatch.setattr(served.demo.studio_ui.studio, "run", held_until_released)
     base = served.url.rstrip("/")
-    data = {"data": ["x", "", 1, 0, 0, 1, 7.0, "model default", 1]}
+    data = {"data": _text_to_image_data(served, seed=1)}
 
     def one(http: httpx.Client) -> str:
         response = http.post(base + "/gradio_api/call/text_to_image", json=data)

@@ -144,8 +144,15 @@ NOT_HONOURED = {
     "s_tmin": "sampler parameters are not supported",
     "s_noise": "sampler parameters are not supported",
     "refiner_checkpoint": "refiners are not supported",
-    "enable_hr": "the hires fix is not available",
-    "hr_checkpoint_name": "the hires fix is not available",
+    "firstphase_width": "the hires fix starts at width x height",
+    "firstphase_height": "the hires fix starts at width x height",
+    "hr_resize_x": "the hires fix takes hr_scale",
+    "hr_resize_y": "the hires fix takes hr_scale",
+    "hr_checkpoint_name": "the hires fix uses the request's model",
+    "hr_sampler_name": "the hires fix uses the request's sampler",
+    "hr_scheduler": "the hires fix uses the request's sampler",
+    "hr_prompt": "the hires fix uses the request's prompt",
+    "hr_negative_prompt": "the hires fix uses the request's negative prompt",
     "script_name": "scripts are not supported",
     "script_args": "scripts are not supported",
     "alwayson_scripts": "scripts (ControlNet, ADetailer, ...) are not supported",
@@ -164,6 +171,8 @@ STUDIO_TO_A1111 = {
     "num_inference_steps": "steps",
     "guidance_scale": "cfg_scale",
     "strength": "denoising_strength",
+    "hr_denoising_strength": "denoising_strength",
+    "hr_steps": "hr_second_pass_steps",
     "scheduler": "sampler_name",
     "model": "override_settings.sd_model_checkpoint",
     "image": "init_images",
@@ -317,6 +326,27 @@ def common_fields(ui, body: Txt2ImgBody, warnings: list[str]) -> tuple[dict, int
     return fields, first_seed
 
 
+def hires_fields(body: Txt2ImgBody, warnings: list[str]) -> dict:
+    """The studio's hires fix fields from A1111's `enable_hr`, `hr_scale`, `hr_second_pass_steps`,
+    `denoising_strength` (0.7 when unset, as A1111's UI) and `hr_upscaler` (A1111's default: latent)."""
+    if not body.enable_hr:
+        return {}
+    upscaler = (body.hr_upscaler or "Latent").strip()
+    if upscaler.lower().startswith("latent"):
+        name = "latent"
+    elif upscaler.lower() in ("lanczos", "nearest"):
+        name = upscaler.lower()
+    else:
+        name = "lanczos"
+        warnings.append(f"hr_upscaler {upscaler!r} is not available (no model upscalers): Lanczos was used")
+    return {
+        "hr_scale": body.hr_scale,
+        "hr_steps": body.hr_second_pass_steps,
+        "hr_denoising_strength": 0.7 if body.denoising_strength is None else body.denoising_strength,
+        "hr_upscaler": name,
+    }
+
+
 def iterations(ui, task: str, fields: dict, first_seed: int, n_iter: int) -> list:
     """One studio request per iteration: seeds continue across iterations (seed, seed+1, ... as A1111)."""
     requests = []
@@ -325,7 +355,7 @@ def iterations(ui, task: str, fields: dict, first_seed: int, n_iter: int) -> lis
         if 0 <= first_seed and seed > MAX_SEED:
             seed %= MAX_SEED + 1
         try:
-            requests.append(ui.studio.tasks.make_request(task, **fields, seed=seed))
+            requests.append(ui.tasks.make_request(task, **fields, seed=seed))
         except StudioInputError as error:
             raise StudioInputError(rename_fields(str(error))) from None
     return requests
@@ -492,7 +522,7 @@ def build_a1111_app(ui, gate, dependencies=()) -> FastAPI:
         def work():
             warnings = _warnings_for(body)
             fields, first_seed = common_fields(ui, body, warnings)
-            # txt2img's denoising_strength belongs to the hires fix, which the studio lacks: A1111 ignores it too.
+            fields.update(hires_fields(body, warnings))  # txt2img's denoising_strength is the hires fix's
             requests = iterations(ui, "text_to_image", fields, first_seed, body.n_iter)
             return render(gate, "text_to_image", requests, body, warnings)
 

@@ -28,8 +28,8 @@ class _LockedStudio:
 
     def __init__(self, ui):
         self.ui = ui
-        self.settings = ui.studio.settings
-        self.tasks = ui.studio.tasks
+        self.settings = ui.settings
+        self.tasks = ui.tasks
 
     def run(self, request, progress):
         with self.ui.device_lock:
@@ -64,7 +64,7 @@ class Batches:
         if not isinstance(entry, dict):
             return entry  # not a request: run_batch records this line's failure
         line = dict(entry)
-        spec = self.ui.studio.tasks.tasks.get(line.get("task", "text_to_image"))
+        spec = self.ui.tasks.tasks.get(line.get("task", "text_to_image"))
         for name in spec.image_fields if spec else ():
             if line.get(name) is not None:
                 image = folder / f"job{number}-{name}.png"

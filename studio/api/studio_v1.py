@@ -25,7 +25,7 @@ def build_request(ui, data) -> tuple[Any, list[str]]:
     if not isinstance(data, dict):
         raise StudioInputError(f"a request must be a JSON object, got {type(data).__name__}")
     data = {"task": "text_to_image", **data}
-    task = ui.studio.tasks.get(data["task"])
+    task = ui.tasks.get(data["task"])
     warnings = []
     if data.get("output") is not None:
         warnings.append("output ignored: the HTTP API returns images instead of saving them")
@@ -36,12 +36,12 @@ def build_request(ui, data) -> tuple[Any, list[str]]:
     if data.get("model") is not None:
         data["model"] = resolve_model(ui, data["model"], "model")
     fields = {key: value for key, value in data.items() if key != "task"}
-    return ui.studio.tasks.make_request(task.name, **fields), warnings
+    return ui.tasks.make_request(task.name, **fields), warnings
 
 
 def build_studio_app(ui, gate, dependencies=()) -> FastAPI:
     """The /studio/v1 routes, as an app to mount at /studio/v1 (its docs at /studio/v1/docs)."""
-    tasks = ", ".join(f"`{spec.name}` ({spec.summary})" for spec in ui.studio.tasks)
+    tasks = ", ".join(f"`{spec.name}` ({spec.summary})" for spec in ui.tasks)
     app = FastAPI(
         title="Studio API",
         description=f"One studio request of any task: {tasks}. Input images are base64 strings "
@@ -95,7 +95,7 @@ def build_studio_app(ui, gate, dependencies=()) -> FastAPI:
         return [
             {"name": spec.name, "summary": spec.summary, "image_fields": list(spec.image_fields),
              "schema": spec.request_type.model_json_schema()}
-            for spec in ui.studio.tasks
+            for spec in ui.tasks
         ]
 
     return app

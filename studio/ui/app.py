@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import threading
 
 import gradio as gr
 
@@ -41,9 +40,12 @@ CSS = """
 def build_app(studio, settings: Settings, *, queue_size: int = server.DEFAULT_QUEUE_SIZE) -> gr.Blocks:
     """The whole UI as a gr.Blocks with its queue configured; serve it with `launch(demo, settings, ...)`.
 
-    Nothing here loads a model or picks a device: `studio` does that on the first request.
+    Nothing here loads a model or picks a device: `studio` does that on the first request. With `studio`
+    None, the UI makes its Studio on first use (torch and diffusers are imported then, not here).
     """
-    ui = StudioUI(studio, settings)
+    from studio.tasks import default_registry
+
+    ui = StudioUI(studio, settings, tasks=None if studio is not None else default_registry())
     task_tabs: dict[str, TaskTab] = {}
     with gr.Blocks(title="Studio", analytics_enabled=False, delete_cache=UPLOAD_CACHE_SWEEP) as demo:
         history = gr.State([])  # this session's images, newest first: [(path, caption)]
@@ -67,8 +69,19 @@ def build_app(studio, settings: Settings, *, queue_size: int = server.DEFAULT_QU
             "drop one on **PNG info** to see or reuse them.",
             elem_id="studio-header",
         )
+        model_state = gr.Markdown(elem_id="studio-model-state", elem_classes="studio-status")
+        model_state_timer = gr.Timer(1.0, active=False)
+
+        def show_model_state():
+            """While the default model loads behind the page: say so, and look again in a second."""
+            if ui.preloading:
+                return "⏳ Loading the model in the background; a run started now waits for it.", gr.Timer(active=True)
+            return "", gr.Timer(active=False)
+
+        for trigger in (demo.load, model_state_timer.tick):
+            trigger(show_model_state, None, [model_state, model_state_timer], queue=False, api_visibility="private")
         with gr.Tabs() as tabs:
-            for spec in studio.tasks:
+            for spec in ui.tasks:
                 with gr.Tab(spec.title, id=spec.name):
                     task_tabs[spec.name] = TaskTab(spec)
                     build_task_tab(ui, task_tabs[spec.name], history)
@@ -183,10 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         return serve_api_only(args, settings, api_auth or auth, cors_allow_origins)
 
     server.environ_for_offline()  # before diffusers/transformers are imported: they read it then
-    from studio.core import Studio  # torch
-
     imported = server.process_age()
-    demo = build_app(Studio(settings), settings, queue_size=args.queue_size)
+    # The page is served first; torch, diffusers and the model load behind it (preload), and the page
+    # says so until they are ready.
+    demo = build_app(None, settings, queue_size=args.queue_size)
     allowed_hosts = [host.strip() for host in args.allowed_hosts.split(",") if host.strip()]
     _, local_url, _ = launch(
         demo,
@@ -204,11 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     ready = server.process_age()
     print(
         f"ready at {local_url}: {ready:.1f} s after the process started "
-        f"({imported:.1f} s to import gradio and torch, {ready - imported:.1f} s to build and serve)",
+        f"({imported:.1f} s to import gradio, {ready - imported:.1f} s to build and serve)",
         flush=True,
     )
     if not args.no_preload:
-        threading.Thread(target=demo.studio_ui.preload, name="preload", daemon=True).start()
+        demo.studio_ui.start_preload()
     try:
         demo.block_thread()
     except KeyboardInterrupt:
@@ -235,7 +248,7 @@ def serve_api_only(args, settings: Settings, credentials, cors_allow_origins) ->
         cors_allow_origins=cors_allow_origins,
     )
     if not args.no_preload:
-        threading.Thread(target=ui.preload, name="preload", daemon=True).start()
+        ui.start_preload()
     print(f"HTTP API at http://{settings.host}:{settings.port}/sdapi/v1 (docs: /studio/v1/docs)", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     return 0

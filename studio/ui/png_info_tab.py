@@ -57,7 +57,7 @@ def build_png_info_tab(ui: StudioUI, tabs: gr.Tabs, task_tabs: dict[str, TaskTab
     def send_label(data):
         if not data:
             return gr.Button("Send to its tab", interactive=False)
-        task = ui.studio.tasks.get(data["request"]["task"])
+        task = ui.tasks.get(data["request"]["task"])
         return gr.Button(f"Send to {task.title}", interactive=True)
 
     event = image.change(

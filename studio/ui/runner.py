@@ -38,15 +38,35 @@ class SessionProgress(Progress):
 class StudioUI:
     """Holds the Studio (swapped when settings change) and the state shared by all sessions."""
 
-    def __init__(self, studio, settings: Settings):
-        self.studio = studio
+    def __init__(self, studio, settings: Settings, tasks=None):
+        # `studio`: a Studio, or None to make one (importing torch and diffusers) on first use, so that
+        # `python app.py` serves its page before those imports (see `studio`).
+        self._studio = studio
+        self._studio_lock = threading.Lock()
+        self.tasks = studio.tasks if studio is not None else tasks  # the registry: the tabs, the API's tasks
         self.settings = settings
         self.outputs = Path(settings.outputs_dir).resolve()
         self.device_lock = threading.Lock()  # one job at a time on the device (the queue also ensures it)
         self.jobs: dict[str, threading.Event] = {}  # session -> cancel flag of its running job
+        self.preloading = False  # the default model is being loaded in the background (the page says so)
         self.preload_seconds: float | None = None
         self.preload_error: str | None = None
         self.last_prune = 0.0  # when stored inputs were last pruned (time.time())
+
+    @property
+    def studio(self):
+        """The Studio every job runs on (made here on first use when none was given)."""
+        with self._studio_lock:
+            if self._studio is None:
+                from studio.core import Studio
+
+                self._studio = Studio(self.settings, self.tasks)
+            return self._studio
+
+    @studio.setter
+    def studio(self, studio) -> None:
+        with self._studio_lock:
+            self._studio = studio
 
     # -- inputs ---------------------------------------------------------------------------------
 
@@ -168,18 +188,26 @@ class StudioUI:
         flag.set()
         return True
 
+    def start_preload(self) -> None:
+        """Load the default model in a background thread (the page says "loading" meanwhile)."""
+        self.preloading = True
+        threading.Thread(target=self.preload, name="preload", daemon=True).start()
+
     def preload(self) -> None:
         """Load the default model in the background so the first request does not wait for it."""
         started = time.perf_counter()
+        self.preloading = True
         try:
             with self.device_lock:
                 quiet_libraries()
-                loaded = self.studio.models.get(None)
+                loaded = self.studio.models.get(None)  # the first use of `studio` imports torch and diffusers
             self.preload_seconds = time.perf_counter() - started
             log.info("model %s loaded on %s in %.1f s", loaded.ref.name, loaded.device, self.preload_seconds)
         except Exception as error:  # shown in the Models tab; the UI still works (other models)
             self.preload_error = str(error)
             log.warning("could not preload the model: %s", error)
+        finally:
+            self.preloading = False
 
     # -- settings -------------------------------------------------------------------------------
 
@@ -196,7 +224,7 @@ class StudioUI:
         settings = self.settings.with_(**changes)
         with self.device_lock:
             self.studio.models.clear()
-            self.studio = Studio(settings)
+            self._studio = Studio(settings, self.tasks)
             self.settings = settings
 
 

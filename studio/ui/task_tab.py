@@ -128,7 +128,9 @@ def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
                 _common_controls(tab)
             others = [name for name in extras if name not in promoted]
             if others:
-                with gr.Accordion("Task options", open=False, elem_id=f"{task}-options"):
+                # text_to_image's options are all the hires fix's (hr_*): say so in the title
+                title = "Hires fix" if all(name.startswith("hr_") for name in others) else "Task options"
+                with gr.Accordion(title, open=False, elem_id=f"{task}-options"):
                     for name in others:
                         tab.inputs[name] = _task_field(tab, name)
         with gr.Column(scale=4):
@@ -146,7 +148,7 @@ def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
             )
             tab.gallery = gallery
             tab.selected = gr.State(None)
-            targets = send_targets(ui.studio.tasks)
+            targets = send_targets(ui.tasks)
             with gr.Row(elem_classes="studio-send-to"):
                 for target, _field in targets["image"]:
                     tab.send_buttons[target.name] = gr.Button(
@@ -457,7 +459,7 @@ def _picked_result(gallery, selected) -> str:
 def wire_send_to(ui: StudioUI, tabs: gr.Tabs, task_tabs: dict[str, TaskTab]) -> None:
     """Each tab's "→ <task>" buttons: the picked result PNG becomes the target's image (stored in
     outputs/inputs/ like an upload), or its settings fill the target's fields; the target tab opens."""
-    targets = send_targets(ui.studio.tasks)
+    targets = send_targets(ui.tasks)
     image_targets = {spec.name: field for spec, field in targets["image"]}
     for source in task_tabs.values():
         for name, button in source.send_buttons.items():
