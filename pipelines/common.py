@@ -130,7 +130,9 @@ def check_output_size(request: BaseRequest, context: TaskContext) -> None:
         images = f"{request.batch_size} image{'s' if request.batch_size > 1 else ''}"
         raise StudioInputError(
             f"{width}x{height} x {images} = {pixels / 1e6:.3g} MP is more than this studio's limit of "
-            f"{limit / 1e6:.3g} MP per request{where}; ask for a smaller size or fewer images, or raise the limit "
+            f"{limit / 1e6:.3g} MP per request{where}; ask for a smaller size"
+            + (f" or hr_scale (now {request.hr_scale:g})" if getattr(request, "hr_scale", None) else "")
+            + " or fewer images, or raise the limit "
             "(max_output_pixels: --max-output-pixels or STUDIO_MAX_OUTPUT_PIXELS)"
         )
 
@@ -152,6 +154,9 @@ def planned_size(request: BaseRequest, images: dict, native: int | None) -> tupl
     if request.task == "inpaint" and not only_masked:
         width += request.outpaint_left + request.outpaint_right
         height += request.outpaint_up + request.outpaint_down
+    hr_scale = getattr(request, "hr_scale", None)
+    if hr_scale is not None:  # text_to_image's hires fix: the images come out this much larger
+        width, height = (max(64, int(side * hr_scale) // 8 * 8) for side in (width, height))
     return width, height
 
 

@@ -70,6 +70,10 @@ def _format_number(value: float) -> str:
     return f"{value:g}"
 
 
+# The hires fix's upscalers (text_to_image's hr_upscaler) as A1111 names them.
+HIRES_UPSCALERS = {"lanczos": "Lanczos", "nearest": "Nearest", "latent": "Latent"}
+
+
 def a1111_parameters(record: ImageRecord, width: int, height: int) -> str:
     """The text A1111 writes into its `parameters` chunk."""
     request = record.request
@@ -90,6 +94,17 @@ def a1111_parameters(record: ImageRecord, width: int, height: int) -> str:
     strength = getattr(request, "strength", None)
     if strength is not None:
         fields.append(("Denoising strength", _format_number(strength)))
+    hr_scale = getattr(request, "hr_scale", None)
+    if hr_scale is not None:  # A1111's hires fix lines; its Size is the first pass's
+        sides = ((request.width, width), (request.height, height))
+        base = [given or max(64, round(side / hr_scale / 8) * 8) for given, side in sides]
+        fields = [("Size", f"{base[0]}x{base[1]}") if key == "Size" else (key, value) for key, value in fields]
+        fields += [
+            ("Denoising strength", _format_number(request.hr_denoising_strength)),
+            ("Hires upscale", _format_number(hr_scale)),
+            ("Hires steps", str(request.hr_steps) if request.hr_steps else ""),
+            ("Hires upscaler", HIRES_UPSCALERS.get(request.hr_upscaler, request.hr_upscaler)),
+        ]
     if request.task != "text_to_image":
         fields.append(("Task", request.task))
     loras = getattr(request, "loras", None) or []
@@ -266,6 +281,17 @@ def parse_a1111_parameters(text: str) -> ImageRecord:
         if not size:
             raise StudioInputError(f"parameters: Size must be WIDTHxHEIGHT, got {quote(settings['Size'])}")
         data["width"], data["height"] = int(size[1]), int(size[2])
+    if "Hires upscale" in settings:  # A1111's hires fix (an upscaler the studio lacks reads as Lanczos)
+        data["hr_scale"] = _number(settings, "Hires upscale", float)
+        if "Hires steps" in settings:
+            data["hr_steps"] = _number(settings, "Hires steps", int)
+        if "Denoising strength" in settings:
+            data["hr_denoising_strength"] = _number(settings, "Denoising strength", float)
+        upscaler = {name: key for key, name in HIRES_UPSCALERS.items()}.get(settings.get("Hires upscaler", ""))
+        if upscaler is not None:
+            data["hr_upscaler"] = upscaler
+        elif settings.get("Hires upscaler", "").lower().startswith("latent"):
+            data["hr_upscaler"] = "latent"  # A1111's "Latent (bicubic)", "Latent (nearest)", ...
     sampler = settings.get("Sampler", "")
     from .schedulers import SCHEDULERS
 
