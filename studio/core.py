@@ -148,8 +148,8 @@ class Studio:
         recorded = request.model_copy(update={"seed": seeds if len(seeds) > 1 else seeds[0]})
 
         # 3. render
-        with embeddings_applied(context.models, request, self.settings):  # taken out of the model afterwards
-            images = task.run(request, context, seeds, plan)
+        with embeddings_applied(context.models, request, self.settings) as request_to_run:  # taken out afterwards
+            images = task.run(request_to_run, context, seeds, plan)
 
         # 4. describe each image for its PNG
         loaded = self.models.get(request.model)

@@ -30,6 +30,7 @@ EMBEDDINGS_REFUSED_TASKS = {
 # What a text encoder's token width says about the model an embedding was made for.
 WIDTH_FAMILIES = {768: "SD 1.x (CLIP ViT-L)", 1024: "SD 2.x (OpenCLIP ViT-H)", 1280: "SDXL's second encoder (bigG)"}
 SDXL_KEYS = ("clip_l", "clip_g")
+TOKEN = re.compile(r"[^\s,()\[\]:]+")  # what one prompt word may hold (EmbeddingRef.token's pattern)
 
 
 def parse_embedding_argument(value: str) -> dict:
@@ -97,17 +98,21 @@ def folder_embeddings(settings: Settings) -> dict[str, Path]:
         if not folder.is_dir():
             continue
         for path in sorted(folder.iterdir()):
-            if path.is_file() and path.suffix.lower() in EMBEDDING_SUFFIXES + PICKLE_SUFFIXES:
+            # A name that cannot be one prompt word (spaces, commas, brackets, colons) is never matched.
+            if path.is_file() and path.suffix.lower() in EMBEDDING_SUFFIXES + PICKLE_SUFFIXES and TOKEN.fullmatch(path.stem):
                 found.setdefault(path.stem.lower(), path)
     return found
 
 
 def words_in(text: str, names) -> list[str]:
-    """The names that appear in `text` as whole words (A1111 matches an embedding's file name in the prompt)."""
-    lowered = text.lower()
-    return [
-        name for name in names if re.search(r"(?<![\w-])" + re.escape(name) + r"(?![\w-])", lowered)
-    ]
+    """The names that appear in `text` as whole words, any case (A1111 matches an embedding's file name in the
+    prompt), each as first written there."""
+    found = []
+    for name in names:
+        match = re.search(r"(?<![\w-])" + re.escape(name) + r"(?![\w-])", text, re.IGNORECASE)
+        if match:
+            found.append(match.group(0))
+    return found
 
 
 def embedding_hash(path: Path, settings: Settings) -> str:
@@ -133,7 +138,7 @@ def file_token(path: Path) -> str:
                 keys = list(handle.keys())
         except (SafetensorError, OSError) as error:
             raise StudioInputError(f"embedding {quote(str(path))} is not a readable safetensors file: {error}") from None
-        if len(keys) == 1 and keys[0] not in ("emb_params", *SDXL_KEYS) and re.fullmatch(r"[^\s,()\[\]:]+", keys[0]):
+        if len(keys) == 1 and keys[0] not in ("emb_params", *SDXL_KEYS) and TOKEN.fullmatch(keys[0]):
             return keys[0]
     return path.stem
 
@@ -153,13 +158,18 @@ def prepare_embeddings(request: BaseRequest, settings: Settings) -> BaseRequest:
         path = resolve_embedding(ref.name_or_path, settings)
         name_or_path = ref.name_or_path if not _looks_like_path(ref.name_or_path) else str(path)
         token = ref.token or file_token(path)
+        if not TOKEN.fullmatch(token):
+            raise StudioInputError(
+                f"embedding {quote(ref.name_or_path)}: {quote(token)} cannot be a prompt word (spaces, commas, "
+                "brackets or colons); give it a token (--embedding NAME_OR_PATH:TOKEN)"
+            )
         resolved.append(ref.model_copy(update={"name_or_path": name_or_path, "token": token, "hash": embedding_hash(path, settings)}))
         seen.add(path)
     available = folder_embeddings(settings)
     text = f"{request.prompt}\n{request.negative_prompt}"
-    for name in words_in(text, available) if available else []:
-        path = available[name].resolve()
-        if path in seen or any(ref.token and ref.token.lower() == name for ref in resolved):
+    for written in words_in(text, available) if available else []:
+        path = available[written.lower()].resolve()
+        if path in seen or any(ref.token and ref.token.lower() == written.lower() for ref in resolved):
             continue
         _check_pickle(path, settings, path.stem)
         resolved.append(EmbeddingRef(name_or_path=path.stem, token=path.stem, hash=embedding_hash(path, settings)))
@@ -294,13 +304,29 @@ def _fitting_vectors(vectors: dict, encoders: list, label: str, model: str) -> l
     return chosen
 
 
+def with_token_words(request: BaseRequest) -> BaseRequest:
+    """The request with each embedding's word in its prompts written as its (lower-case) token: CLIP lower-cases
+    every prompt anyway, but diffusers finds a multi-vector token's words by their exact text."""
+    update = {}
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(request, name)
+        for ref in getattr(request, "embeddings", None) or []:
+            token = (ref.token or "").lower()
+            if token:
+                text = re.sub(r"(?<![\w-])" + re.escape(token) + r"(?![\w-])", lambda _: token, text, flags=re.IGNORECASE)
+        if text != getattr(request, name):
+            update[name] = text
+    return request.model_copy(update=update) if update else request
+
+
 @contextlib.contextmanager
 def embeddings_applied(models, request: BaseRequest, settings: Settings):
     """The request's embeddings added to its model's tokenizers and text encoders (which every pipeline derived
-    from the model shares) while the block runs, and taken out again on exit: the cached model is left as it was."""
+    from the model shares) while the block runs, and taken out again on exit: the cached model is left as it was.
+    Yields the request to run (its prompts' embedding words written as the tokens; see with_token_words)."""
     refs = list(getattr(request, "embeddings", None) or [])
     if not refs:
-        yield
+        yield request
         return
     loaded = models.get(request.model)
     pipe = loaded.pipe
@@ -317,7 +343,7 @@ def embeddings_applied(models, request: BaseRequest, settings: Settings):
             path = resolve_embedding(ref.name_or_path, settings)
             chosen = _fitting_vectors(files.vectors(path, settings.allow_pickle), encoders, label, loaded.ref.name)
             for index, ((_, tokenizer, encoder), tensor) in enumerate(zip(encoders, chosen)):
-                token = ref.token or file_token(path)
+                token = (ref.token or file_token(path)).lower()  # as CLIP's tokenizer reports it
                 if token in tokenizer.get_vocab():
                     raise StudioInputError(
                         f"embedding {quote(label)}: its token {quote(token)} is already in model "
@@ -326,12 +352,15 @@ def embeddings_applied(models, request: BaseRequest, settings: Settings):
                     )
                 tokens = [token] + [f"{token}_{i}" for i in range(1, tensor.shape[0])]  # diffusers' multi-vector names
                 weights = tensor.to(encoder.device, encoder.dtype)
+                # Grown here without transformers' mean-resizing (a covariance over the whole token table: about
+                # a second per request on a CPU), so the loader's own resize has nothing left to do.
+                encoder.resize_token_embeddings(len(tokenizer) + len(tokens), mean_resizing=False)
                 try:
                     pipe.load_textual_inversion(weights, token=token, tokenizer=tokenizer, text_encoder=encoder)
                 except ValueError as error:
                     raise StudioInputError(f"embedding {quote(label)} does not fit model {quote(loaded.ref.name)}: {error}") from None
                 added[index] += tokens
-        yield
+        yield with_token_words(request)
     finally:
         for index, ((_, tokenizer, encoder), (_, module, data, vocab_size)) in enumerate(zip(encoders, saved)):
             try:

@@ -74,7 +74,7 @@ def test_the_automatic_pick_equals_the_field_and_matches_whole_words_only(ti_stu
     (ref,) = auto.request.embeddings
     assert (ref.name_or_path, ref.token, len(ref.hash)) == ("shapestyle", "shapestyle", 10)
     assert auto.request.embeddings == field.request.embeddings
-    assert words_in("a Shapestyle, b", ["shapestyle"]) == ["shapestyle"]
+    assert words_in("a Shapestyle, b", ["shapestyle"]) == ["Shapestyle"]  # as written: the token's exact text
     assert words_in("shapestyles and noshapestyle", ["shapestyle"]) == []
     assert render(ti_studio, "a red circle shapestyles").request.embeddings == []
     negative = render(ti_studio, "a red circle", negative_prompt="shapestyle")  # the negative prompt counts too
@@ -165,3 +165,21 @@ def test_cli_embedding_flag(sd15_folder, models_dir, tmp_path):
     with_flag, plain = Image.open(tmp_path / "flag.png"), Image.open(tmp_path / "plain.png")
     assert with_flag.tobytes() != plain.tobytes()
     assert 'TI hashes: "learned_embeds: ' in with_flag.text["parameters"]
+
+
+def test_any_case_of_the_name_calls_every_vector(ti_studio):
+    """diffusers finds a multi-vector token's words by their exact text; CLIP lower-cases the prompt anyway."""
+    lower = render(ti_studio, "a red circle shapestyle")
+    mixed = render(ti_studio, "a red circle ShapeStyle")
+    assert [ref.token for ref in mixed.request.embeddings] == ["shapestyle"]
+    assert mixed.request.prompt == "a red circle ShapeStyle"  # recorded as typed
+    assert np.array_equal(pixels(mixed.images[0]), pixels(lower.images[0]))
+
+
+def test_a_file_name_that_cannot_be_a_prompt_word(ti_studio, tmp_path):
+    path = tmp_path / "easy negative.safetensors"
+    save_file({"emb_params": vectors(1)}, str(path))
+    with pytest.raises(StudioInputError, match="'easy negative' cannot be a prompt word.*:TOKEN"):
+        render(ti_studio, embeddings=[{"name_or_path": str(path)}])
+    applied = render(ti_studio, "a red circle easyneg", embeddings=[parse_embedding_argument(f"{path}:easyneg")])
+    assert applied.request.embeddings[0].token == "easyneg"
