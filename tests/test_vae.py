@@ -156,3 +156,13 @@ def test_vae_embedding_and_lora_together_then_the_base_again(vae_studio, models_
     assert together.request.vae.name_or_path == "other.safetensors" and together.request.loras[0].name_or_path == "tiny"
     assert np.abs(pixels(together.images[0]) - pixels(base.images[0])).max() > 0
     assert np.array_equal(pixels(render(vae_studio).images[0]), pixels(plain.images[0]))
+
+
+def test_an_sdxl_model_takes_a_vae_file_too(sdxl_folder, models_dir):
+    studio = Studio(Settings(model=str(sdxl_folder), models_dirs=(models_dir,)))
+    base = render(studio)
+    other = render(studio, vae="other")
+    assert np.abs(pixels(other.images[0]) - pixels(base.images[0])).max() > 0
+    assert np.array_equal(pixels(render(studio).images[0]), pixels(base.images[0]))
+    view = next(iter(studio.models.vaes.entries.values()))
+    assert type(view.pipe).__name__ == "StableDiffusionXLPipeline" and view.pipe.vae is not studio.models.get(None).pipe.vae
