@@ -156,11 +156,14 @@ def run_cluster_batch(
     if not to_render:
         return record.summary
 
-    # 2. Ray and the worker pool
+    # 2. Ray and the worker pool (the bar says so: starting takes seconds, the model load included)
+    from tqdm.auto import tqdm
+
     ray = _import_ray()
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(to_render), unit="job", disable=not show_progress,
+               dynamic_ncols=True, desc="starting Ray workers")
     started = time.perf_counter()
-    started_ray = _connect(ray, options.address)
-    pool = []
+    started_ray, pool = _connect(ray, options.address), []
     try:
         pool = _start_workers(ray, settings, tasks, options, len(to_render))
         ready = ray.get([worker.ready.remote() for worker in pool])
@@ -168,9 +171,11 @@ def run_cluster_batch(
         summary.workers, summary.worker_pids = len(pool), [pid for pid, _, _ in ready]
         summary.model_load_seconds = max(seconds for _, seconds, _ in ready)
         summary.startup_seconds = time.perf_counter() - started
+        bar.set_description_str(f"{len(pool)} workers")
         # 3. jobs to idle workers, results written and recorded as they come
-        _render_all(ray, pool, to_render, record, options.write_from_workers, show_progress, len(jobs))
+        _render_all(ray, pool, to_render, record, options.write_from_workers, bar)
     finally:
+        bar.close()
         for worker in pool:
             ray.kill(worker)
         if started_ray:
@@ -238,16 +243,12 @@ def _threads(cpus: float) -> int:
     return max(1, int(cpus))
 
 
-def _render_all(ray, pool, to_render, record, write_from_workers: bool, show_progress: bool, total: int) -> None:
+def _render_all(ray, pool, to_render, record, write_from_workers: bool, bar) -> None:
     """Keep every worker busy with one job; write (or check) and record each result as it arrives."""
-    from tqdm.auto import tqdm
-
     summary: ClusterSummary = record.summary
     root = str(record.root)
     waiting = deque(to_render)
     running: dict = {}  # result ref -> (job, plan, worker)
-    settled_before = total - len(to_render)
-    bar = tqdm(total=total, initial=settled_before, unit="job", disable=not show_progress, dynamic_ncols=True)
 
     def send(worker) -> None:
         if waiting:
@@ -257,27 +258,24 @@ def _render_all(ray, pool, to_render, record, write_from_workers: bool, show_pro
             running[ref] = (job, plan, worker)
 
     started = time.perf_counter()
-    try:
-        for worker in pool:
-            send(worker)
-        while running:
-            # Every result ready now, not one per call: with many workers, one wait per result costs more than it saves.
-            ready, others = ray.wait(list(running), num_returns=1)
-            if others:
-                ready += ray.wait(others, num_returns=len(others), timeout=0)[0]
-            finished = [(ref, *running.pop(ref)) for ref in ready]
-            for _, _, _, worker in finished:
-                send(worker)  # before writing: the workers render the next jobs while the driver writes these
-            for ref, job, plan, _ in finished:
-                _settle(ray, ref, job, plan, record, write_from_workers)
-            summary.render_seconds = time.perf_counter() - started
-            done, failed, left = len(summary.rendered) + len(summary.skipped), len(summary.failed), len(waiting) + len(running)
-            bar.set_postfix_str(
-                f"done {done}, failed {failed}, left {left}, {summary.images_per_second:.2f} images/s", refresh=False
-            )
-            bar.update(len(finished))
-    finally:
-        bar.close()
+    for worker in pool:
+        send(worker)
+    while running:
+        # Every result ready now, not one per call: with many workers, one wait per result costs more than it saves.
+        ready, others = ray.wait(list(running), num_returns=1)
+        if others:
+            ready += ray.wait(others, num_returns=len(others), timeout=0)[0]
+        finished = [(ref, *running.pop(ref)) for ref in ready]
+        for _, _, _, worker in finished:
+            send(worker)  # before writing: the workers render the next jobs while the driver writes these
+        for ref, job, plan, _ in finished:
+            _settle(ray, ref, job, plan, record, write_from_workers)
+        summary.render_seconds = time.perf_counter() - started
+        done, failed, left = len(summary.rendered) + len(summary.skipped), len(summary.failed), len(waiting) + len(running)
+        bar.set_postfix_str(
+            f"done {done}, failed {failed}, left {left}, {summary.images_per_second:.2f} images/s", refresh=False
+        )
+        bar.update(len(finished))
 
 
 def _settle(ray, ref, job: Job, plan: JobPlan, record, write_from_workers: bool) -> None:

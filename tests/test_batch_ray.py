@@ -16,10 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 import ray  # in the test extra: CI runs these, nothing skipped
 import torch
+from PIL import Image
 
 from studio import Settings, Studio
 from studio.batch import MANIFEST_NAME, read_jobs, read_manifest, run_batch
@@ -131,7 +130,7 @@ def live_workers() -> dict[str, int]:
 
 
 def test_worker_killed_mid_batch_still_renders_every_job_once(cluster, tmp_path):
-    lines = [{"prompt": f"job {n}", "seed": n, "num_inference_steps": 25} for n in range(10)]
+    lines = [{"prompt": f"job {n}", "seed": n, "num_inference_steps": 20} for n in range(8)]
     jobs, out = write_jobs(tmp_path / "jobs.jsonl", lines), tmp_path / "out"
     outcome = {}
     driver = threading.Thread(target=lambda: outcome.update(summary=run_cluster_batch(Settings(), jobs, out, TWO_WORKERS)))
@@ -140,24 +139,24 @@ def test_worker_killed_mid_batch_still_renders_every_job_once(cluster, tmp_path)
     while time.time() < deadline and not done_entries(out):
         time.sleep(0.02)
     done_at_kill = len(done_entries(out))
-    victim = sorted(live_workers().values())[0]
+    victim = min(live_workers().values())
     os.kill(victim, signal.SIGKILL)
     driver.join(timeout=120)
     assert not driver.is_alive()
 
     summary = outcome["summary"]
-    assert 1 <= done_at_kill < 10, "the kill should land after the first job and before the last"
+    assert 1 <= done_at_kill < 8, "the kill should land after the first job and before the last"
     assert victim in summary.worker_pids
-    assert not summary.failed and len(summary.rendered) == 10
+    assert not summary.failed and len(summary.rendered) == 8
     assert_each_job_once(jobs, out)
-    assert len(done_entries(out)) == 10  # one manifest line per job: no job recorded twice
+    assert len(done_entries(out)) == 8  # one manifest line per job: no job recorded twice
 
 
 def test_driver_killed_and_rerun_renders_exactly_the_missing_jobs(cluster, tmp_path):
     lines = [{"prompt": f"job {n}", "seed": n, "num_inference_steps": 25} for n in range(8)]
     jobs, out = write_jobs(tmp_path / "jobs.jsonl", lines), tmp_path / "out"
     command = [sys.executable, "-m", "studio.cli", "batch", str(jobs), "--out", str(out), "--engine", "ray",
-               "--address", cluster, "--workers", "2", "--quiet"]
+               "--address", cluster, "--workers", "1", "--quiet"]  # one worker: start-up dominates on 2 cores
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     driver = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 90
