@@ -134,14 +134,9 @@ def time_request(call, repeats: int) -> tuple[list[float], Timer]:
 
 
 def available(task: str) -> bool:
-    from studio.core import task_module
-    from studio.requests import StudioInputError
+    from studio.tasks import default_registry
 
-    try:
-        task_module(task)
-        return True
-    except StudioInputError:
-        return False
+    return task in default_registry()
 
 
 def run_benchmark(studio, size: int, steps: int, repeats: int, imagic_steps: tuple[int, int], imagic_full: bool) -> list[Row]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 
 import torch
 
@@ -95,3 +96,24 @@ def apply_memory_options(pipe, device: torch.device, settings: Settings) -> None
         pipe.enable_sequential_cpu_offload(device=device)
     else:
         pipe.to(device)
+
+
+def default_cpu_threads() -> int:
+    """torch's intra-op threads on a CPU: the cores this process may use, at most 8 (past that the small
+    per-op work of diffusion UNets gains little and a shared machine loses more)."""
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def apply_speed_options(pipe, device: torch.device, settings: Settings) -> None:
+    """Thread count (CPU), channels-last layout and torch.compile of the UNet, as the settings say."""
+    if device.type == "cpu":
+        torch.set_num_threads(settings.threads or default_cpu_threads())
+    unet = getattr(pipe, "unet", None)
+    if unet is None:
+        return
+    if settings.channels_last:
+        unet.to(memory_format=torch.channels_last)
+    if settings.compile:
+        # In place (the module keeps its class, config and blocks, so LoRAs and step caching still find them);
+        # compiled on the first call, again for each new shape.
+        unet.compile(dynamic=False)

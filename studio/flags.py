@@ -20,6 +20,9 @@ SETTINGS_FLAGS = (
     "attention_slicing",
     "vae_tiling",
     "offload",
+    "threads",
+    "compile",
+    "channels_last",
     "allow_pickle",
     "max_output_pixels",
 )
@@ -47,6 +50,11 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> argparse._Argumen
     group.add_argument(
         "--offload", default=None, choices=["none", "model", "sequential"], help="CPU offload (GPU only)"
     )
+    group.add_argument("--threads", type=positive_int, default=None, help="CPU: torch threads (default: the cores, ≤ 8)")
+    group.add_argument(
+        "--compile", action="store_true", default=None, help="torch.compile the UNet (the first image pays the compile)"
+    )
+    group.add_argument("--channels-last", action="store_true", default=None, help="the UNet in channels-last layout")
     group.add_argument(
         "--allow-pickle",
         action="store_true",

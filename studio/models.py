@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .devices import apply_memory_options, pick_device, pick_dtype
+from .devices import apply_memory_options, apply_speed_options, pick_device, pick_dtype
 from .outputs import atomic_write_bytes
 from .requests import StudioInputError, quote
 from .settings import EMBEDDED_MODEL_DIR, Settings
@@ -330,6 +330,7 @@ class ModelManager:
         pipe = load_base_pipeline(ref, self.settings, dtype)
         pipe.set_progress_bar_config(disable=True)
         apply_memory_options(pipe, device, self.settings)
+        apply_speed_options(pipe, device, self.settings)
         loaded = LoadedModel(ref, pipe, device, dtype, weights_hash(ref, self.settings.hash_cache))
         self._loaded[ref] = loaded
         return loaded

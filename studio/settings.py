@@ -72,6 +72,9 @@ class Settings:
     attention_slicing: bool = False  # lower peak memory, slower
     vae_tiling: bool = False  # decode large images tile by tile
     offload: str = "none"  # "none", "model" (whole models to CPU when idle), "sequential" (per layer)
+    threads: int | None = None  # CPU: torch's intra-op threads; None: devices.default_cpu_threads()
+    compile: bool = False  # torch.compile the UNet (inductor): the first image of each size pays the compile
+    channels_last: bool = False  # the UNet in channels-last memory layout
     allow_pickle: bool = False  # load .ckpt/.pt/.bin pickles (always with weights_only=True)
     configs_dir: Path = CONFIGS_DIR  # config folders (sd15, sd21, sdxl, ...) for single-file checkpoints
     max_cached_models: int = 1  # loaded base models kept in memory; older ones are freed
@@ -101,6 +104,8 @@ class Settings:
             values["device"] = env["STUDIO_DEVICE"]
         if "STUDIO_DTYPE" in env:
             values["dtype"] = env["STUDIO_DTYPE"]
+        if "STUDIO_THREADS" in env:
+            values["threads"] = _from_env(env, "STUDIO_THREADS", positive_int)
         if "STUDIO_MAX_OUTPUT_PIXELS" in env:
             values["max_output_pixels"] = _from_env(env, "STUDIO_MAX_OUTPUT_PIXELS", positive_int)
         if "STUDIO_JOB_TIME_LIMIT" in env:
