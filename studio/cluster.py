@@ -197,7 +197,10 @@ def _connect(ray, address: str | None) -> bool:
         return False
     import logging
 
-    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+    options = {"logging_level": logging.WARNING}
+    if not (address or "").startswith("ray://"):  # a Ray client passes what it is given on to the cluster's driver
+        options["include_dashboard"] = False  # a local cluster started for the run: no dashboard to serve
+    ray.init(address=address, **options)
     return True
 
 
