@@ -177,10 +177,14 @@ def load_vae(path: Path, loaded, settings: Settings):
     base = loaded.pipe.vae
     label = path.name
     if path.is_dir():
-        folder = weights_file(path).parent
+        weights = weights_file(path)
+        variant = "fp16" if weights.name.endswith(".fp16.safetensors") else None  # a folder of the variant only
         try:
             vae = AutoencoderKL.from_pretrained(
-                folder, local_files_only=True, use_safetensors=None if settings.allow_pickle else True
+                weights.parent,
+                local_files_only=True,
+                use_safetensors=None if settings.allow_pickle else True,
+                variant=variant,
             )
         except (OSError, ValueError, RuntimeError) as error:
             raise StudioInputError(f"VAE {quote(label)} could not be loaded: {_short(error)}") from None

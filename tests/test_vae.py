@@ -39,6 +39,7 @@ def models_dir(tmp_path_factory, sd15_folder, other_vae):
     write_ldm_vae(folder / "VAE" / "prefixed.vae.safetensors", other_vae, prefix="first_stage_model.")
     write_ldm_vae(folder / "VAE" / "own.safetensors", AutoencoderKL.from_pretrained(sd15_folder / "vae"))
     other_vae.save_pretrained(folder / "VAE" / "other-folder", safe_serialization=True)
+    other_vae.save_pretrained(folder / "VAE" / "other-fp16", safe_serialization=True, variant="fp16")
     wide = AutoencoderKL(block_out_channels=(32, 64), norm_num_groups=8, latent_channels=4,
                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
     write_ldm_vae(folder / "VAE" / "wide.safetensors", wide)
@@ -76,7 +77,7 @@ def test_the_models_own_vae_as_a_file_gives_the_base_pixels(vae_studio):
 
 def test_folder_prefixed_file_and_path_give_the_same_image(vae_studio, models_dir):
     by_name = render(vae_studio, vae="other")
-    for vae in ("other-folder", "prefixed", str(models_dir / "VAE" / "other.safetensors"), str(models_dir / "VAE" / "other-folder")):
+    for vae in ("other-folder", "other-fp16", "prefixed", str(models_dir / "VAE" / "other.safetensors"), str(models_dir / "VAE" / "other-folder")):
         assert np.array_equal(pixels(render(vae_studio, vae=vae).images[0]), pixels(by_name.images[0])), vae
     loads = vae_studio.models.vaes.loads
     render(vae_studio, vae="other-folder")
