@@ -199,3 +199,24 @@ def test_every_task_takes_weighted_prompts(studio, tmp_path):
     for task, run in runs.items():  # plain text is the pipeline's own path (above); weights and length change it
         plain = pixels(run("a red circle").images[0])
         assert differs(pixels(run("a (red:1.8) circle " + "x" * 80).images[0]), plain), task
+
+
+def test_a_text_encoder_lora_shapes_weighted_prompts(studio, sd_pipe, tmp_path):
+    # Weighted prompts are encoded inside the sampling call, where the request's LoRAs are loaded: a LoRA on
+    # the text encoder alone (kohya lora_te_* keys) changes them, and is gone again afterwards.
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for name, module in sd_pipe.text_encoder.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            key = "lora_te_" + name.replace(".", "_")
+            state[f"{key}.lora_down.weight"] = torch.randn(2, module.in_features, generator=generator)
+            state[f"{key}.lora_up.weight"] = torch.randn(module.out_features, 2, generator=generator)
+            state[f"{key}.alpha"] = torch.tensor(2.0)
+    save_file(state, str(tmp_path / "text-only.safetensors"))
+    lora = {"name_or_path": str(tmp_path / "text-only.safetensors"), "weight": 1.0}
+    for prompt in ("a (red:1.5) circle", "a red circle"):
+        base = image(studio, prompt)
+        assert differs(image(studio, prompt, loras=[lora]), base), prompt
+        assert np.array_equal(image(studio, prompt), base)
