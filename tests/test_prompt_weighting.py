@@ -136,7 +136,6 @@ def image(studio, prompt, **fields):
 def test_weights_change_the_image_and_weight_one_does_not(studio):
     base = image(studio, "a red circle")
     assert np.array_equal(image(studio, "a (red:1.0) circle"), base)
-    assert np.array_equal(image(studio, r"a red circle"), base)
     assert differs(image(studio, "a (red:1.6) circle"), base)
     assert differs(image(studio, "a [[red]] circle"), base)
 
@@ -216,7 +215,6 @@ def test_a_text_encoder_lora_shapes_weighted_prompts(studio, sd_pipe, tmp_path):
             state[f"{key}.alpha"] = torch.tensor(2.0)
     save_file(state, str(tmp_path / "text-only.safetensors"))
     lora = {"name_or_path": str(tmp_path / "text-only.safetensors"), "weight": 1.0}
-    for prompt in ("a (red:1.5) circle", "a red circle"):
-        base = image(studio, prompt)
-        assert differs(image(studio, prompt, loras=[lora]), base), prompt
-        assert np.array_equal(image(studio, prompt), base)
+    base = image(studio, "a (red:1.5) circle")
+    assert differs(image(studio, "a (red:1.5) circle", loras=[lora]), base)
+    assert np.array_equal(image(studio, "a (red:1.5) circle"), base)
