@@ -183,3 +183,13 @@ def test_a_file_name_that_cannot_be_a_prompt_word(ti_studio, tmp_path):
         render(ti_studio, embeddings=[{"name_or_path": str(path)}])
     applied = render(ti_studio, "a red circle easyneg", embeddings=[parse_embedding_argument(f"{path}:easyneg")])
     assert applied.request.embeddings[0].token == "easyneg"
+
+
+def test_an_embedding_inside_a1111_weights(ti_studio):
+    """The weighted-prompt encoder sees the embedding's tokens too: (word:1.0) is the word, (word:1.5) is not."""
+    plain = render(ti_studio, "a red circle shapestyle")
+    weighted = render(ti_studio, "a red circle (shapestyle:1.0)")
+    stronger = render(ti_studio, "a red circle (ShapeStyle:1.5)")
+    assert [ref.token for ref in weighted.request.embeddings] == ["shapestyle"]
+    assert np.array_equal(pixels(weighted.images[0]), pixels(plain.images[0]))
+    assert np.abs(pixels(stronger.images[0]) - pixels(plain.images[0])).max() > 0
