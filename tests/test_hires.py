@@ -143,3 +143,11 @@ def test_the_text_to_image_tab_has_a_hires_fix_accordion(studio):
     assert blocks["text_to_image-hr_upscaler"].choices == [(name, name) for name in ("lanczos", "nearest", "latent")]
     assert (blocks["text_to_image-hr_denoising_strength"].value, blocks["text_to_image-hr_steps"].value) == (0.7, 0)
     assert blocks["text_to_image-hr_scale"].value is None  # off until the user sets a factor
+
+
+def test_replay_gives_the_same_hires_image(studio, tmp_path):
+    result = studio.text_to_image("a (red:1.4) circle BREAK blue", seed=4, num_inference_steps=STEPS, **HIRES)
+    [png] = result.save(tmp_path / "hires.png")
+    replayed = studio.replay(png)
+    assert replayed.request.hr_scale == 2 and replayed.request.prompt == "a (red:1.4) circle BREAK blue"
+    assert np.array_equal(pixels(replayed.images[0]), pixels(result.images[0]))
