@@ -6,7 +6,8 @@ writer. A pool of Ray actors, each loading the model once, renders the jobs as t
 flight per actor. By default a worker returns the PNG bytes (metadata in them) and the driver writes
 them into DIR; with `write_from_workers` the workers write into DIR themselves (a shared path).
 
-Ray restarts a worker that dies and retries the job it held (at least once). Outputs are idempotent:
+Ray restarts a worker that dies, and the driver hands the job it held to the next free worker (at least
+once; a job under which MAX_ATTEMPTS workers died fails). Outputs are idempotent:
 a job's files are named by its identity, written atomically, never replaced; a file already holding the
 job's own image counts as written. Killing a worker costs a model load; killing the driver and running
 the same command again renders exactly the jobs not done.
@@ -17,6 +18,7 @@ address and no RAY_ADDRESS). Ray is imported only inside the functions that use 
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import time
@@ -29,7 +31,7 @@ from .progress import Progress
 from .requests import StudioInputError
 
 WORKER_NAME_PREFIX = "studio-render-"  # named actors: tests and operators find a worker's PID through Ray
-TASK_RETRIES = 3  # a job whose worker died this many more times fails (a job that kills every worker)
+MAX_ATTEMPTS = 4  # a job whose worker dies this many times under it fails (a job that kills any worker)
 # What every worker needs whatever the node's environment: never reach for a hub.
 WORKER_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
@@ -47,12 +49,13 @@ class ClusterOptions:
 
 @dataclass
 class ClusterSummary(BatchSummary):
-    workers: int = 0  # actors started (0: nothing to render, Ray not started)
+    workers: int = 0  # workers that started and rendered (0: nothing to render, Ray not started)
     images: int = 0  # images rendered by this run
     startup_seconds: float = 0.0  # Ray connected or started, actors placed, each one's model loaded
     model_load_seconds: float = 0.0  # of that, the slowest worker's model load
     render_seconds: float = 0.0  # from the first job sent to the last result written
-    worker_pids: list[int] = field(default_factory=list)
+    worker_pids: list[int] = field(default_factory=list)  # each worker process that became ready, restarts too
+    retried: int = 0  # jobs handed to another worker after theirs died under them
 
     @property
     def images_per_second(self) -> float:
@@ -73,6 +76,7 @@ class RenderWorker:
             os.chdir(working_dir)  # relative model and file paths mean what they mean to the driver
         quiet_libraries()
         self.studio = Studio(settings, tasks)
+        self._current = None  # the job id being rendered
 
     def ready(self) -> tuple[int, float, str | None]:
         """Load the default model now: (pid, seconds, why it failed). A model that fails to load fails each
@@ -84,8 +88,9 @@ class RenderWorker:
             return os.getpid(), time.perf_counter() - started, f"{type(error).__name__}: {error}"
         return os.getpid(), time.perf_counter() - started, None
 
-    def pid(self) -> int:
-        return os.getpid()
+    def status(self) -> dict:
+        """This worker's process and the job it is rendering (None: idle); answers while a job renders."""
+        return {"pid": os.getpid(), "job": self._current}
 
     def render(self, job_data: dict, root: str) -> dict:
         """The driver writes: the job's PNG bytes and warnings, or {"error": reason}."""
@@ -95,6 +100,8 @@ class RenderWorker:
             return {"pngs": [result.png(index) for index in range(len(result.images))], "warnings": result.warnings}
         except Exception as error:  # one job's failure; a cancel cannot reach a worker, a time limit fails the job
             return {"error": failure_reason(error, job, Path(root))}
+        finally:
+            self._current = None
 
     def render_and_write(self, job_data: dict, root: str) -> dict:
         """The worker writes into the shared output folder; planned again here, so that a retried task finds
@@ -109,8 +116,11 @@ class RenderWorker:
             return {"rendered": True, "warnings": result.warnings}
         except Exception as error:
             return {"error": failure_reason(error, job, Path(root))}
+        finally:
+            self._current = None
 
     def _job(self, job_data: dict) -> Job:
+        self._current = job_data["job"]
         request = self.studio.tasks.parse_request(job_data["request"])
         return Job(job_data["line"], job_data["job"], request, written=job_data["written"])
 
@@ -166,14 +176,8 @@ def run_cluster_batch(
     started_ray, pool = _connect(ray, options.address), []
     try:
         pool = _start_workers(ray, settings, tasks, options, len(to_render))
-        ready = ray.get([worker.ready.remote() for worker in pool])
-        summary = record.summary
-        summary.workers, summary.worker_pids = len(pool), [pid for pid, _, _ in ready]
-        summary.model_load_seconds = max(seconds for _, seconds, _ in ready)
-        summary.startup_seconds = time.perf_counter() - started
-        bar.set_description_str(f"{len(pool)} workers")
-        # 3. jobs to idle workers, results written and recorded as they come
-        _render_all(ray, pool, to_render, record, options.write_from_workers, bar)
+        # 3. jobs to workers as each is ready and idle, results written and recorded as they come
+        _render_all(ray, pool, to_render, record, options.write_from_workers, bar, started)
     finally:
         bar.close()
         for worker in pool:
@@ -195,8 +199,6 @@ def _connect(ray, address: str | None) -> bool:
     """Join the cluster at `address` (or RAY_ADDRESS), else start a local one; True when this call started Ray."""
     if ray.is_initialized():  # the caller's own Ray (a notebook, the tests)
         return False
-    import logging
-
     options = {"logging_level": logging.WARNING}
     if not (address or "").startswith("ray://"):  # a Ray client passes what it is given on to the cluster's driver
         options["include_dashboard"] = False  # a local cluster started for the run: no dashboard to serve
@@ -218,6 +220,10 @@ def _start_workers(ray, settings, tasks, options: ClusterOptions, jobs: int) -> 
         raise StudioInputError(f"--cpus-per-worker {options.cpus_per_worker:g}: the Ray cluster has {cpus_there:g} CPUs")
     fit = int(gpus_there // gpus) if gpus else int(cpus_there // options.cpus_per_worker)
     count = max(1, min(options.workers or fit, jobs))
+    if count > fit:
+        logging.getLogger(__name__).warning(
+            "%d Ray workers asked, %d fit in the cluster now: the others start when it has room", count, fit
+        )
     if gpus == 0 and settings.device == "auto":
         settings = replace(settings, device="cpu")  # a worker without a GPU of its own must not take the node's
     elif gpus and settings.device.startswith("cuda:"):
@@ -228,9 +234,9 @@ def _start_workers(ray, settings, tasks, options: ClusterOptions, jobs: int) -> 
     actor_options = dict(
         num_cpus=options.cpus_per_worker,
         num_gpus=gpus,
-        max_restarts=-1,  # a worker that dies comes back (its model loaded again) ...
-        max_task_retries=TASK_RETRIES,  # ... and gets back the job it held
-        max_concurrency=2,  # one job at a time, and pid()/ready() still answer while it renders
+        max_restarts=-1,  # a worker that dies comes back (its model loaded again); the driver hands the
+        max_task_retries=0,  # job it held to the next free worker rather than wait for that
+        max_concurrency=2,  # one job at a time, and status() still answers while it renders
         runtime_env={"env_vars": {**WORKER_ENV, "OMP_NUM_THREADS": str(_threads(options.cpus_per_worker))}},
     )
     token = secrets.token_hex(4)
@@ -246,56 +252,104 @@ def _threads(cpus: float) -> int:
     return max(1, int(cpus))
 
 
-def _render_all(ray, pool, to_render, record, write_from_workers: bool, bar) -> None:
-    """Keep every worker busy with one job; write (or check) and record each result as it arrives."""
+def _render_all(ray, pool, to_render, record, write_from_workers: bool, bar, started: float) -> None:
+    """Keep every ready worker busy with one job; write (or check) and record each result as it arrives.
+
+    A worker starts rendering as soon as its model is loaded, not when the whole pool is: a worker the
+    cluster cannot place yet (more workers asked than fit) never holds the others up.
+    """
     summary: ClusterSummary = record.summary
     root = str(record.root)
     waiting = deque(to_render)
+    starting = {worker.ready.remote(): worker for worker in pool}  # ready() ref -> worker loading its model
     running: dict = {}  # result ref -> (job, plan, worker)
+    attempts: dict[str, int] = {}  # job id -> workers that died under it
+    joined: set[int] = set()  # the workers that were ready once (a restarted one counts once)
+    first_sent = None
 
     def send(worker) -> None:
+        nonlocal first_sent
         if waiting:
             job, plan = waiting.popleft()
             method = worker.render_and_write if write_from_workers else worker.render
             ref = method.remote(_job_data(job, plan), root)
             running[ref] = (job, plan, worker)
+            first_sent = first_sent or time.perf_counter()
 
-    started = time.perf_counter()
-    for worker in pool:
-        send(worker)
-    while running:
-        # Every result ready now, not one per call: with many workers, one wait per result costs more than it saves.
-        ready, others = ray.wait(list(running), num_returns=1)
+    while running or (starting and waiting):
+        # Every reply ready now, not one per call: with many workers, one wait per result costs more than it saves.
+        ready, others = ray.wait([*running, *starting], num_returns=1)
         if others:
             ready += ray.wait(others, num_returns=len(others), timeout=0)[0]
-        finished = [(ref, *running.pop(ref)) for ref in ready]
-        for _, _, _, worker in finished:
-            send(worker)  # before writing: the workers render the next jobs while the driver writes these
-        for ref, job, plan, _ in finished:
-            _settle(ray, ref, job, plan, record, write_from_workers)
-        summary.render_seconds = time.perf_counter() - started
+        finished = []
+        for ref in ready:
+            if ref in starting:
+                _worker_ready(ray, ref, starting.pop(ref), summary, send, joined)
+                summary.startup_seconds = time.perf_counter() - started  # until the last worker is ready
+                bar.set_description_str(f"{summary.workers} workers")
+            else:
+                job, plan, worker = running.pop(ref)
+                finished.append((job, plan, worker, _reply(ray, ref)))
+        settled = []
+        for job, plan, worker, reply in finished:
+            if isinstance(reply, ray.exceptions.RayActorError):  # the worker died under the job (killed, OOM...)
+                starting[worker.ready.remote()] = worker  # back in the pool once Ray has restarted it
+                attempts[job.job_id] = attempts.get(job.job_id, 0) + 1
+                if attempts[job.job_id] < MAX_ATTEMPTS:
+                    waiting.appendleft((job, plan))  # at least once: to the next free worker
+                    summary.retried += 1
+                    continue
+                reply = {"error": f"its worker died {MAX_ATTEMPTS} times while rendering it ({type(reply).__name__})"}
+            else:
+                send(worker)  # before writing: the workers render the next jobs while the driver writes these
+            settled.append((job, plan, reply))
+        for job, plan, reply in settled:
+            _settle(job, plan, reply, record, write_from_workers)
+        summary.render_seconds = time.perf_counter() - first_sent if first_sent else 0.0
         done, failed, left = len(summary.rendered) + len(summary.skipped), len(summary.failed), len(waiting) + len(running)
         bar.set_postfix_str(
             f"done {done}, failed {failed}, left {left}, {summary.images_per_second:.2f} images/s", refresh=False
         )
-        bar.update(len(finished))
+        bar.update(len(settled))
+    for job, _ in waiting:  # every worker failed to start
+        record.failed(job, "no Ray worker could start (see the Ray log of the workers)")
 
 
-def _settle(ray, ref, job: Job, plan: JobPlan, record, write_from_workers: bool) -> None:
-    """One result: the job's files written (or found) and recorded done, or its failure recorded."""
+def _worker_ready(ray, ref, worker, summary: ClusterSummary, send, joined: set[int]) -> None:
     try:
-        outcome = ray.get(ref)
-        if "error" not in outcome and not write_from_workers:
-            write_job_files(plan, outcome["pngs"], record.root)
-    except ray.exceptions.RayActorError as error:  # its worker died TASK_RETRIES + 1 times on this job
-        record.failed(job, f"its worker died {TASK_RETRIES + 1} times while rendering it ({type(error).__name__})")
+        pid, seconds, _ = ray.get(ref)  # a model that failed to load fails each job with the reason instead
+    except ray.exceptions.RayError:  # the worker could not start at all (its process keeps dying)
         return
-    except Exception as error:  # the disk, a file that appeared, what Ray says about the worker's reply
-        record.failed(job, failure_reason(error, job, record.root))
+    if id(worker) not in joined:
+        joined.add(id(worker))
+        summary.workers += 1
+    summary.worker_pids.append(pid)  # a restarted worker again, with its new process
+    summary.model_load_seconds = max(summary.model_load_seconds, seconds)
+    send(worker)
+
+
+def _reply(ray, ref):
+    """A worker's reply, or the exception that stands for it (the worker died, the reply was lost)."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as error:
+        return error
+
+
+def _settle(job: Job, plan: JobPlan, reply, record, write_from_workers: bool) -> None:
+    """One reply: the job's files written (or found) and recorded done, or its failure recorded."""
+    if isinstance(reply, Exception):  # what Ray says instead of the reply (an object lost with its node...)
+        record.failed(job, failure_reason(reply, job, record.root))
         return
-    if "error" in outcome:
-        record.failed(job, outcome["error"])
+    if "error" in reply:
+        record.failed(job, reply["error"])
         return
-    rendered = outcome.get("rendered", True)
+    if not write_from_workers:
+        try:
+            write_job_files(plan, reply["pngs"], record.root)
+        except Exception as error:  # the disk, a file that appeared meanwhile holding another image
+            record.failed(job, failure_reason(error, job, record.root))
+            return
+    rendered = reply.get("rendered", True)
     record.summary.images += len(plan.paths) if rendered else 0
-    record.done(job, plan.paths, rendered, outcome["warnings"])
+    record.done(job, plan.paths, rendered, reply["warnings"])

@@ -87,7 +87,9 @@ def eight_rendered(cluster, tmp_path_factory):
 
 def test_eight_jobs_render_each_output_exactly_once(eight_rendered):
     jobs, out, summary = eight_rendered
-    assert summary.workers == 2 and len(set(summary.worker_pids)) == 2 and os.getpid() not in summary.worker_pids
+    # Two workers started; each renders as soon as its model is loaded, so a fast one may take every job.
+    assert 1 <= summary.workers <= 2 and len(set(summary.worker_pids)) == summary.workers
+    assert os.getpid() not in summary.worker_pids
     assert len(summary.rendered) == 8 and not summary.failed and summary.images == 9
     assert_each_job_once(jobs, out)
     # The seed a line left unset comes from its job id, as in the single-process batch.
@@ -117,16 +119,20 @@ def test_same_pixels_as_the_single_process_batch(eight_rendered, tmp_path):
     assert np.abs(first - second).sum() > 0
 
 
-def live_workers() -> dict[str, int]:
-    """Name -> PID of this cluster's studio workers, asked through Ray (a busy worker answers too)."""
-    found = {}
-    for name in ray.util.list_named_actors():
-        if name.startswith(WORKER_NAME_PREFIX):
+def busy_worker_pid(deadline: float) -> int | None:
+    """The PID of one of this cluster's studio workers while it renders a job, asked through Ray."""
+    while time.time() < deadline:
+        for name in ray.util.list_named_actors():
+            if not name.startswith(WORKER_NAME_PREFIX):
+                continue
             try:
-                found[name] = ray.get(ray.get_actor(name).pid.remote(), timeout=30)
+                status = ray.get(ray.get_actor(name).status.remote(), timeout=30)
             except (ValueError, ray.exceptions.RayError):  # a worker of an earlier test, gone
                 continue
-    return found
+            if status["job"] is not None:
+                return status["pid"]
+        time.sleep(0.02)
+    return None
 
 
 def test_worker_killed_mid_batch_still_renders_every_job_once(cluster, tmp_path):
@@ -138,15 +144,15 @@ def test_worker_killed_mid_batch_still_renders_every_job_once(cluster, tmp_path)
     deadline = time.time() + 90
     while time.time() < deadline and not done_entries(out):
         time.sleep(0.02)
+    victim = busy_worker_pid(deadline)
     done_at_kill = len(done_entries(out))
-    victim = min(live_workers().values())
     os.kill(victim, signal.SIGKILL)
     driver.join(timeout=120)
     assert not driver.is_alive()
 
     summary = outcome["summary"]
     assert 1 <= done_at_kill < 8, "the kill should land after the first job and before the last"
-    assert victim in summary.worker_pids
+    assert victim in summary.worker_pids and summary.retried == 1  # it died holding a job, which went on
     assert not summary.failed and len(summary.rendered) == 8
     assert_each_job_once(jobs, out)
     assert len(done_entries(out)) == 8  # one manifest line per job: no job recorded twice
