@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
 
 import torch
 
@@ -98,16 +97,10 @@ def apply_memory_options(pipe, device: torch.device, settings: Settings) -> None
         pipe.to(device)
 
 
-def default_cpu_threads() -> int:
-    """torch's intra-op threads on a CPU: the cores this process may use, at most 8 (past that the small
-    per-op work of diffusion UNets gains little and a shared machine loses more)."""
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
-
-
 def apply_speed_options(pipe, device: torch.device, settings: Settings) -> None:
     """Thread count (CPU), channels-last layout and torch.compile of the UNet, as the settings say."""
-    if device.type == "cpu":
-        torch.set_num_threads(settings.threads or default_cpu_threads())
+    if device.type == "cpu" and settings.threads:
+        torch.set_num_threads(settings.threads)  # process-wide; None leaves torch's own choice (or the caller's)
     unet = getattr(pipe, "unet", None)
     if unet is None:
         return

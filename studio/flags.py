@@ -50,7 +50,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> argparse._Argumen
     group.add_argument(
         "--offload", default=None, choices=["none", "model", "sequential"], help="CPU offload (GPU only)"
     )
-    group.add_argument("--threads", type=positive_int, default=None, help="CPU: torch threads (default: the cores, ≤ 8)")
+    group.add_argument("--threads", type=positive_int, default=None, help="CPU: torch threads (default: torch's, the cores)")
     group.add_argument(
         "--compile", action="store_true", default=None, help="torch.compile the UNet (the first image pays the compile)"
     )

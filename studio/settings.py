@@ -72,7 +72,7 @@ class Settings:
     attention_slicing: bool = False  # lower peak memory, slower
     vae_tiling: bool = False  # decode large images tile by tile
     offload: str = "none"  # "none", "model" (whole models to CPU when idle), "sequential" (per layer)
-    threads: int | None = None  # CPU: torch's intra-op threads; None: devices.default_cpu_threads()
+    threads: int | None = None  # CPU: torch's intra-op threads; None: torch's choice (the cores)
     compile: bool = False  # torch.compile the UNet (inductor): the first image of each size pays the compile
     channels_last: bool = False  # the UNet in channels-last memory layout
     allow_pickle: bool = False  # load .ckpt/.pt/.bin pickles (always with weights_only=True)
