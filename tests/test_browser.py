@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -368,3 +369,20 @@ def test_send_a_result_to_other_tabs(page, shots, tmp_path):
     editor.get_by_role("button", name="Upload").first.wait_for(state="visible")  # the editor has mounted
     editor.get_by_text("Upload an image").wait_for(state="detached")  # it shows the sent image instead
     page.screenshot(path=str(shots / "send_to_inpaint.png"), full_page=True)
+
+
+def test_history_survives_a_reload_newest_first(page, shots):
+    page.locator("#text_to_image-prompt textarea").fill("a small blue square")
+    set_number(page, "text_to_image-seed", 31)
+    set_number(page, "text_to_image-num_inference_steps", 1)
+    page.locator("#text_to_image-run").click()
+    gallery_image_url(page, "text_to_image-gallery", "text_to_image-status", shots)
+    name = re.search(r"([\w.-]+\.png)", page.locator("#text_to_image-status").inner_text()).group(1)
+
+    page.reload()
+    page.wait_for_selector("#text_to_image-run")
+    first = page.locator("#history img").first
+    first.wait_for(state="visible")
+    assert name in (first.get_attribute("src") or ""), "the newest image should lead the reloaded history"
+    assert page.locator("#history").get_by_text("generate · seed 31").count() >= 1
+    page.screenshot(path=str(shots / "history_after_reload.png"), full_page=True)

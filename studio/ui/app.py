@@ -92,8 +92,12 @@ def build_app(studio, settings: Settings, *, queue_size: int = server.DEFAULT_QU
             with gr.Tab("Models and settings", id="models") as models_tab:
                 build_models_tab(ui, demo, models_tab)
         wire_send_to(ui, tabs, task_tabs)
-        with gr.Accordion("History: this session's images", open=True):
+        with gr.Accordion(f"History: the newest images in {settings.outputs_dir}", open=True):
             history_gallery.render()
+        # A reloaded page (or a new tab) starts from the outputs folder, newest first.
+        demo.load(ui.recent_outputs, None, history, queue=False, api_visibility="private").then(
+            lambda h: h, history, history_gallery, queue=False, api_visibility="private"
+        )
 
         run_tabs = [*task_tabs.values(), batch_tab]
         run_events = [tab.run_event for tab in run_tabs]

@@ -122,6 +122,30 @@ class StudioUI:
             return resolved
         return None
 
+    def recent_outputs(self, limit: int = HISTORY_LIMIT) -> list[tuple[str, str]]:
+        """The newest PNGs of the outputs folder (batch folders included, stored inputs not), newest first,
+        as history items: what a reloaded page shows."""
+        inputs = self.outputs / "inputs"
+        found = []
+        for path in self.outputs.rglob("*.png"):
+            try:
+                if inputs not in path.parents and path.is_file():
+                    found.append((path.stat().st_mtime, path))
+            except OSError:  # removed meanwhile
+                continue
+        newest = [path for _, path in sorted(found, key=lambda item: item[0], reverse=True)[:limit]]
+        return [(str(path), self._history_caption(path)) for path in newest]
+
+    def _history_caption(self, path: Path) -> str:
+        """"generate · seed 5", as a new result's caption; the file name for a PNG without studio metadata."""
+        from studio.metadata import read_record
+
+        try:
+            record = read_record(path, self.tasks)
+            return f"{self.tasks.get(record.request.task).command} · seed {record.seed}"
+        except Exception:  # not a studio PNG, or a task this server does not have
+            return path.name
+
     # -- running --------------------------------------------------------------------------------
 
     def output_target(self, task: str) -> str:
