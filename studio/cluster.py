@@ -7,10 +7,10 @@ flight per actor. By default a worker returns the PNG bytes (metadata in them) a
 them into DIR; with `write_from_workers` the workers write into DIR themselves (a shared path).
 
 Ray restarts a worker that dies, and the driver hands the job it held to the next free worker (at least
-once; a job under which MAX_ATTEMPTS workers died fails). Outputs are idempotent:
-a job's files are named by its identity, written atomically, never replaced; a file already holding the
-job's own image counts as written. Killing a worker costs a model load; killing the driver and running
-the same command again renders exactly the jobs not done.
+once; a job under which MAX_ATTEMPTS workers died fails). Outputs are idempotent: a job's files are named
+by its identity, written atomically, never replaced; a file already holding the job's own image counts as
+written. Killing a worker costs its job's progress and a model load in the background; killing the driver
+and running the same command again renders exactly the jobs not done.
 
 One machine with several GPUs is the same code path on a local cluster (`--address local`, or no
 address and no RAY_ADDRESS). Ray is imported only inside the functions that use it.
