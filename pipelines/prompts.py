@@ -150,8 +150,8 @@ def chunk_tokens(pipe, tokenizer, fragments: list[tuple]) -> tuple[list[Chunk], 
         if text is BREAK:
             close_chunk()
             continue
-        if hasattr(pipe, "maybe_convert_prompt"):
-            text = pipe.maybe_convert_prompt(text, tokenizer)
+        if hasattr(pipe, "maybe_convert_prompt") and _has_added_token(tokenizer, text):
+            text = pipe.maybe_convert_prompt(text, tokenizer)  # a multi-vector embedding's token: its words
         tokens = tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids if text else []
         total += len(tokens)
         for token in tokens:
@@ -170,6 +170,14 @@ def chunk_tokens(pipe, tokenizer, fragments: list[tuple]) -> tuple[list[Chunk], 
     if current.tokens or not chunks:
         close_chunk()
     return chunks, total
+
+
+def _has_added_token(tokenizer, text: str) -> bool:
+    """Whether `text` may hold a token added to the tokenizer (a textual inversion's); checked first because
+    diffusers' expansion tokenizes the text without being asked to be quiet about its length."""
+    special = set(tokenizer.all_special_tokens)
+    lowered = text.lower()
+    return any(token.lower() in lowered for token in tokenizer.added_tokens_encoder if token not in special)
 
 
 def prompt_token_count(pipe, prompt: str) -> tuple[int, int]:
