@@ -24,6 +24,7 @@ SETTINGS_FLAGS = (
     "compile",
     "channels_last",
     "allow_pickle",
+    "use_ema",
     "max_output_pixels",
 )
 
@@ -60,6 +61,10 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> argparse._Argumen
         action="store_true",
         default=None,
         help="allow .ckpt/.pt/.bin pickle weights (loaded with weights_only)",
+    )
+    group.add_argument(
+        "--ema", dest="use_ema", action="store_true", default=None,
+        help="single-file checkpoints: use the UNet's EMA weights (model_ema.*) instead of the trained ones",
     )
     group.add_argument("--max-output-pixels", type=positive_int, metavar="N", help=MAX_OUTPUT_PIXELS_HELP)
     for name, (variable, flag, label) in ADD_ON_FOLDERS.items():

@@ -269,7 +269,11 @@ def load_base_pipeline(ref: ModelRef, settings: Settings, dtype: torch.dtype):
 
         try:
             return load_single_file_pipeline(
-                ref.location, torch_dtype=dtype, allow_pickle=settings.allow_pickle, configs_dir=settings.configs_dir
+                ref.location,
+                torch_dtype=dtype,
+                allow_pickle=settings.allow_pickle,
+                configs_dir=settings.configs_dir,
+                use_ema=settings.use_ema,
             )
         except StudioInputError:
             raise

@@ -76,6 +76,7 @@ class Settings:
     compile: bool = False  # torch.compile the UNet (inductor): the first image of each size pays the compile
     channels_last: bool = False  # the UNet in channels-last memory layout
     allow_pickle: bool = False  # load .ckpt/.pt/.bin pickles (always with weights_only=True)
+    use_ema: bool = False  # single-file checkpoints: the UNet's EMA weights (model_ema.*) instead of the trained ones
     configs_dir: Path = CONFIGS_DIR  # config folders (sd15, sd21, sdxl, ...) for single-file checkpoints
     max_cached_models: int = 1  # loaded base models kept in memory; older ones are freed
     max_image_pixels: int = 4096 * 4096  # larger input images are refused (decompression bombs)

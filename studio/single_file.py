@@ -280,6 +280,7 @@ def load_single_file_pipeline(
     allow_pickle: bool = False,
     prediction_type: str | None = None,
     configs_dir: str | Path | None = None,
+    use_ema: bool = False,
 ) -> DiffusionPipeline:
     """A diffusers pipeline built from one single-file SD 1.x / 2.x / SDXL checkpoint, without network access.
 
@@ -289,6 +290,8 @@ def load_single_file_pipeline(
     - `prediction_type` ("epsilon" / "v_prediction") overrides what the file and config say; for SD 2.x
       "epsilon" also picks the 512 px config.
     - `configs_dir` replaces studio/configs (a folder holding sd15/, sdxl/, ...), e.g. for custom configs.
+    - `use_ema`: the UNet's EMA weights (`model_ema.*`, which training checkpoints carry beside the
+      trained ones) instead of the trained ones; a file without them is refused.
     The pipeline has no safety checker and no feature extractor.
     """
     path = Path(path)
@@ -307,6 +310,8 @@ def load_single_file_pipeline(
     else:
         raise SingleFileError(f"{str(path)!r} is neither a safetensors file nor a PyTorch checkpoint")
 
+    if use_ema and not any(key.startswith(EMA_PREFIX) for key in shapes):
+        raise SingleFileError(f"{path.name!r} has no EMA weights (no {EMA_PREFIX}* keys); load it without use_ema")
     detected = _detect_for_file(path, shapes)
     wanted = prediction_type or _prediction_hint(shapes, metadata, global_step)
     if detected == "sd21" and prediction_type is None:
@@ -329,9 +334,9 @@ def load_single_file_pipeline(
         if state_dict is None:
             # One component's tensors at a time (the UNet first): the whole file is never in memory beside
             # the converted models, which keeps the peak near the weights in the dtype they run in.
-            read = functools.partial(_read_component, path, list(shapes), torch_dtype)
+            read = functools.partial(_read_component, path, list(shapes), torch_dtype, use_ema)
         else:
-            read = functools.partial(_component_of, state_dict)
+            read = functools.partial(_component_of, state_dict, use_ema)
         pipe = _pipeline_from_components(read, config, architecture, torch_dtype)
     if wanted:
         _set_prediction_type(pipe, wanted)
@@ -432,7 +437,8 @@ def _fix_legacy_clip_keys(state_dict: dict) -> dict:
 # Key prefixes of the parts diffusers converts; the text encoders get every other key (their converters
 # find their own prefixes), EMA copies and training leftovers are never read.
 MODEL_KEY_PREFIXES = {"unet": (UNET_PREFIX,), "vae": ("first_stage_model.",)}
-SKIPPED_PREFIXES = ("model_ema.", "model.diffusion_model_ema.")
+EMA_PREFIX = "model_ema."
+SKIPPED_PREFIXES = (EMA_PREFIX, "model.diffusion_model_ema.")
 READ_GROUP = 64  # tensors read per opening of the file (about 150 MB of an SD 1.5 UNet)
 
 
@@ -443,7 +449,16 @@ def _wants_key(component: str, key: str) -> bool:
     return not key.startswith(owned + SKIPPED_PREFIXES)
 
 
-def _read_component(path: Path, keys: list[str], torch_dtype, component: str) -> dict:
+def _source_key(component: str, key: str, keys: set[str], use_ema: bool) -> str:
+    """Where a key's tensor is read from: with use_ema, a UNet weight's EMA copy, stored under the flattened
+    name LDM's EMA module gives it (model.diffusion_model.out.0.weight -> model_ema.diffusion_modelout0weight)."""
+    if not (use_ema and component == "unet"):
+        return key
+    ema_key = EMA_PREFIX + "".join(key.split(".")[1:])
+    return ema_key if ema_key in keys else key
+
+
+def _read_component(path: Path, keys: list[str], torch_dtype, use_ema: bool, component: str) -> dict:
     """The tensors of one component, read from a safetensors file and cast to the dtype the model runs in.
 
     The file is memory-mapped; it is reopened every READ_GROUP keys so that the pages already cast are
@@ -451,18 +466,26 @@ def _read_component(path: Path, keys: list[str], torch_dtype, component: str) ->
     """
     from safetensors import safe_open
 
+    present = set(keys)
     wanted = [key for key in keys if _wants_key(component, key)]
     part = {}
     for start in range(0, len(wanted), READ_GROUP):
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             for key in wanted[start : start + READ_GROUP]:
-                tensor = handle.get_tensor(key)
+                tensor = handle.get_tensor(_source_key(component, key, present, use_ema))
                 part[key] = tensor.to(torch_dtype) if tensor.is_floating_point() else tensor.clone()
     return _fix_legacy_clip_keys(part)
 
 
-def _component_of(state_dict: dict, component: str) -> dict:
-    return _fix_legacy_clip_keys({key: value for key, value in state_dict.items() if _wants_key(component, key)})
+def _component_of(state_dict: dict, use_ema: bool, component: str) -> dict:
+    present = set(state_dict)
+    return _fix_legacy_clip_keys(
+        {
+            key: state_dict[_source_key(component, key, present, use_ema)]
+            for key in state_dict
+            if _wants_key(component, key)
+        }
+    )
 
 
 def _stored_dtype(part: dict):

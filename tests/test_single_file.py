@@ -752,3 +752,49 @@ def test_environment_cannot_disable_weights_only(tmp_path, monkeypatch):
     with pytest.raises(PickleRefusedError):
         load_single_file_pipeline(path, torch_dtype=torch.float32, allow_pickle=True)
     assert not marker.exists()
+
+
+def _with_ema(checkpoint: dict, shift: float) -> dict:
+    """The checkpoint plus LDM's EMA copy of its UNet (flattened key names), each weight moved by `shift`."""
+    ema = {
+        "model_ema." + "".join(key.split(".")[1:]): value + shift
+        for key, value in checkpoint.items()
+        if key.startswith("model.diffusion_model.")
+    }
+    return {**checkpoint, **ema, "model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(7)}
+
+
+def test_ema_weights_are_used_only_when_asked(tmp_path, tiny_configs):
+    models = build_tiny_models("sd15", tiny_configs)
+    path = tmp_path / "with-ema.safetensors"
+    save_file(_with_ema(to_single_file("sd15", models), 0.25), str(path))
+
+    trained = load_single_file_pipeline(path, torch_dtype=torch.float32, configs_dir=tiny_configs)
+    assert_same_weights(trained.unet, models["unet"])  # the EMA copy is not read by default
+    ema = load_single_file_pipeline(path, torch_dtype=torch.float32, configs_dir=tiny_configs, use_ema=True)
+    for (name, loaded), original in zip(ema.unet.state_dict().items(), models["unet"].state_dict().values()):
+        assert torch.allclose(loaded, original + 0.25), name
+    assert_same_weights(ema.vae, models["vae"])  # only the UNet has an EMA copy
+
+
+def test_ema_asked_of_a_file_without_it_is_refused(tmp_path, tiny_configs):
+    path = tmp_path / "no-ema.safetensors"
+    write_tiny_checkpoint("sd15", tiny_configs, path)
+    with pytest.raises(SingleFileError, match="no EMA weights"):
+        load_single_file_pipeline(path, torch_dtype=torch.float32, configs_dir=tiny_configs, use_ema=True)
+
+
+def test_the_ema_flag_reaches_the_loader(tmp_path, tiny_configs):
+    from studio.cli import build_parser
+    from studio.flags import settings_from_args
+    from studio.models import ModelManager
+
+    models = build_tiny_models("sd15", tiny_configs)
+    path = tmp_path / "with-ema.safetensors"
+    save_file(_with_ema(to_single_file("sd15", models), 0.5), str(path))
+    args = build_parser().parse_args(["generate", "x", "--model", str(path), "--ema"])
+    settings = settings_from_args(args, configs_dir=tiny_configs, hash_cache=None)
+    assert settings.use_ema
+    unet = ModelManager(settings).get(None).pipe.unet
+    original = models["unet"].conv_in.weight
+    assert torch.allclose(unet.conv_in.weight, original + 0.5)
