@@ -90,14 +90,12 @@ class Trainer:
     noise_scheduler: object  # a DDPMScheduler with the model's training schedule
     generator: torch.Generator
     added_cond: dict | None = None  # SDXL: time_ids (text_embeds come with the embedding)
-    batch: int = 1  # noisy copies of the image per step, each with its own noise and timestep
 
     def loss(self, unet, embeds: dict) -> torch.Tensor:
         device, dtype = unet.device, unet.dtype
-        latents = self.latents.cpu().expand(self.batch, -1, -1, -1)
-        noise = torch.randn(latents.shape, generator=self.generator)
-        steps = self.noise_scheduler.config.num_train_timesteps
-        timestep = torch.randint(0, steps, (self.batch,), generator=self.generator)
+        noise = torch.randn(self.latents.shape, generator=self.generator)
+        timestep = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (1,), generator=self.generator)
+        latents = self.latents.cpu()
         noisy = self.noise_scheduler.add_noise(latents, noise, timestep)
         prediction_type = self.noise_scheduler.config.prediction_type
         if prediction_type == "v_prediction":
@@ -109,22 +107,17 @@ class Trainer:
         added = None
         if "pooled_prompt_embeds" in embeds:
             added = {
-                "text_embeds": _batched(embeds["pooled_prompt_embeds"], self.batch).to(device, dtype),
-                "time_ids": _batched(self.added_cond["time_ids"], self.batch).to(device, dtype),
+                "text_embeds": embeds["pooled_prompt_embeds"].to(device, dtype),
+                "time_ids": self.added_cond["time_ids"].to(device, dtype),
             }
         prediction = unet(
             noisy.to(device, dtype),
             timestep.to(device),
-            encoder_hidden_states=_batched(embeds["prompt_embeds"], self.batch).to(device, dtype),
+            encoder_hidden_states=embeds["prompt_embeds"].to(device, dtype),
             added_cond_kwargs=added,
             return_dict=False,
         )[0]
         return F.mse_loss(prediction.float(), target.to(device).float())
-
-
-def _batched(tensor: torch.Tensor, batch: int) -> torch.Tensor:
-    """One row repeated `batch` times (a view: gradients flow back to the one row)."""
-    return tensor.expand(batch, *tensor.shape[1:])
 
 
 def fit(loss_of, params: list, lr: float, total: int, stage: str, progress) -> None:

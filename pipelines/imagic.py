@@ -46,13 +46,6 @@ class ImagicRequest(BaseRequest):
     finetune_lr: float | None = Field(
         None, gt=0.0, le=1.0, description="Stage 2 learning rate; None: 2e-6 for a full SD-sized UNet (1e-4 under 100M parameters), 1e-4 for a LoRA."
     )
-    train_batch: int = Field(
-        1,
-        ge=1,
-        le=16,
-        description="Noise samples per training step (stages 1-2): each step sees that many noisy copies, so fewer "
-        "steps fit as well; on a small model a step costs about the same whatever the batch.",
-    )
     use_lora: bool = Field(False, description="Fine-tune a LoRA instead of the full UNet (faster, smaller).")
     lora_rank: int = Field(4, ge=1, le=256, description="LoRA rank when use_lora is set.")
 
@@ -140,7 +133,6 @@ def cache_key(request: ImagicRequest, loaded, image, size, seed: int) -> tuple:
         request.finetune_steps,
         finetune_lr(request, loaded.pipe.unet) if request.finetune_steps else 0.0,
         lora,
-        request.train_batch,
         seed,
     )
 
@@ -197,7 +189,7 @@ def train(loaded, request: ImagicRequest, image, target: dict, seed: int, progre
     generator = torch.Generator("cpu").manual_seed(seed)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     added = {"time_ids": sdxl_time_ids(pipe, *image.size)} if "pooled_prompt_embeds" in target else None
-    trainer = Trainer(encode_image(pipe, image).cpu(), noise_scheduler, generator, added, request.train_batch)
+    trainer = Trainer(encode_image(pipe, image).cpu(), noise_scheduler, generator, added)
     optimised = optimise_embedding(pipe.unet, trainer, target, request, progress)
     unet = finetune(loaded, trainer, optimised, request, progress) if request.finetune_steps else None
     return TrainedState(optimised, unet)
