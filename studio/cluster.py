@@ -51,15 +51,23 @@ class ClusterOptions:
 class ClusterSummary(BatchSummary):
     workers: int = 0  # workers that started and rendered (0: nothing to render, Ray not started)
     images: int = 0  # images rendered by this run
-    startup_seconds: float = 0.0  # Ray connected or started, actors placed, each one's model loaded
+    startup_seconds: float = 0.0  # Ray connected or started, every worker placed and its model loaded
     model_load_seconds: float = 0.0  # of that, the slowest worker's model load
     render_seconds: float = 0.0  # from the first job sent to the last result written
     worker_pids: list[int] = field(default_factory=list)  # each worker process that became ready, restarts too
     retried: int = 0  # jobs handed to another worker after theirs died under them
 
+    # Once every worker of the pool was ready: images rendered and seconds (throughput without the ramp-up)
+    steady_images: int = 0
+    steady_seconds: float = 0.0
+
     @property
     def images_per_second(self) -> float:
         return self.images / self.render_seconds if self.render_seconds > 0 else 0.0
+
+    @property
+    def steady_images_per_second(self) -> float:
+        return self.steady_images / self.steady_seconds if self.steady_seconds > 0 else 0.0
 
 
 class RenderWorker:
@@ -265,7 +273,8 @@ def _render_all(ray, pool, to_render, record, write_from_workers: bool, bar, sta
     running: dict = {}  # result ref -> (job, plan, worker)
     attempts: dict[str, int] = {}  # job id -> workers that died under it
     joined: set[int] = set()  # the workers that were ready once (a restarted one counts once)
-    first_sent = None
+    first_sent = all_ready = None
+    images_then = 0
 
     def send(worker) -> None:
         nonlocal first_sent
@@ -285,7 +294,9 @@ def _render_all(ray, pool, to_render, record, write_from_workers: bool, bar, sta
         for ref in ready:
             if ref in starting:
                 _worker_ready(ray, ref, starting.pop(ref), summary, send, joined)
-                summary.startup_seconds = time.perf_counter() - started  # until the last worker is ready
+                if all_ready is None and not starting:  # the whole pool (restarts later do not count)
+                    all_ready, images_then = time.perf_counter(), summary.images
+                    summary.startup_seconds = all_ready - started
                 bar.set_description_str(f"{summary.workers} workers")
             else:
                 job, plan, worker = running.pop(ref)
@@ -305,7 +316,10 @@ def _render_all(ray, pool, to_render, record, write_from_workers: bool, bar, sta
             settled.append((job, plan, reply))
         for job, plan, reply in settled:
             _settle(job, plan, reply, record, write_from_workers)
-        summary.render_seconds = time.perf_counter() - first_sent if first_sent else 0.0
+        now = time.perf_counter()
+        summary.render_seconds = now - first_sent if first_sent else 0.0
+        if all_ready is not None:
+            summary.steady_images, summary.steady_seconds = summary.images - images_then, now - all_ready
         done, failed, left = len(summary.rendered) + len(summary.skipped), len(summary.failed), len(waiting) + len(running)
         bar.set_postfix_str(
             f"done {done}, failed {failed}, left {left}, {summary.images_per_second:.2f} images/s", refresh=False
