@@ -234,7 +234,12 @@ def measure_recolour(image, mask: np.ndarray, rgb: tuple) -> dict:
 
 @needs_embedded
 @pytest.mark.embedded_quality
-def test_embedded_imagic_turns_a_red_circle_blue_in_place(tmp_path):
+def test_embedded_imagic_turns_a_red_circle_blue_in_place_at_its_defaults(tmp_path):
+    """The request sets only the prompt, the image and the seed: the model's studio.json supplies the rest
+    (150 embedding steps at 2e-3, then a full fine-tune of 150 steps at 1e-4, and eta 1.5: the toy UNet is
+    small, so it fits the image in 150 steps, and fitted that closely the edit needs eta past 1). Over seeds
+    1-8 these defaults recolour the circle in place in 6 (about 15 s per edit on a quiet 2-core CPU, where
+    the schema's SD defaults, 500 + 1000 steps, took 107 s); the first three seeds must give at least two."""
     from studio import Settings, Studio
     from studio.demo import world
 
@@ -243,16 +248,14 @@ def test_embedded_imagic_turns_a_red_circle_blue_in_place(tmp_path):
     mask = world.render_masks(scene, 64)[0]
     path = tmp_path / "red.png"
     world.render(scene, 64).save(path)
-    # The toy UNet is small: a full fine-tune at 1e-4 fits the image in 150 steps (~25 s on 2 CPU cores),
-    # where a LoRA on its attention projections needs far more steps to pin down the shape and place.
-    # Fitted that closely, the edit needs eta past 1: with this model the circle is still red at 1.25
-    # (5% of it blue) and blue at 1.5 (81%), the schema's upper bound: a model that needs more would
-    # need a shorter fine-tune here instead.
-    result = studio.imagic(
-        "a large blue circle on the left on a white background", path, seed=1, eta=1.5,
-        embedding_steps=150, embedding_lr=2e-3, finetune_steps=150, finetune_lr=1e-4, num_inference_steps=20,
-    )
-    report = measure_recolour(result.images[0], mask, world.COLORS["blue"])
-    assert report["share"] >= 0.6, report  # most of the original circle's pixels are now blue
-    assert report["centre_shift"] <= 3.0, report  # at the same place ...
-    assert report["iou"] >= 0.6, report  # ... and the same size
+    reports = []
+    for seed in (1, 2, 3):
+        result = studio.imagic("a large blue circle on the left on a white background", path, seed=seed)
+        reports.append(measure_recolour(result.images[0], mask, world.COLORS["blue"]))
+    edited = [
+        r for r in reports
+        if r["share"] >= 0.6  # most of the original circle's pixels are now blue ...
+        and r["centre_shift"] <= 3.0  # ... at the same place ...
+        and r["iou"] >= 0.6  # ... and the same size
+    ]
+    assert len(edited) >= 2, reports
