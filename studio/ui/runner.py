@@ -129,7 +129,9 @@ class StudioUI:
         found = []
         for path in self.outputs.rglob("*.png"):
             try:
-                if inputs not in path.parents and path.is_file():
+                # Only the folder's own files: a link could show a file from anywhere on the machine.
+                inside = self.outputs in path.resolve().parents  # not through a linked folder either
+                if inside and inputs not in path.parents and not path.is_symlink() and path.is_file():
                     found.append((path.stat().st_mtime, path))
             except OSError:  # removed meanwhile
                 continue
