@@ -168,40 +168,56 @@ def section_embedded(args) -> None:
 
     studio = Studio(Settings())
 
-    def one():
-        studio.text_to_image("a red circle on the left", seed=SEED, num_inference_steps=20)
+    def timed(**fields):
+        def one():
+            studio.text_to_image("a red circle on the left", seed=SEED, num_inference_steps=20, **fields)
 
-    def eight():
-        studio.text_to_image("a red circle on the left", seed=SEED, num_inference_steps=20, batch_size=8)
+        def eight():
+            studio.text_to_image("a red circle on the left", seed=SEED, num_inference_steps=20, batch_size=8, **fields)
+
+        one(), eight()
+        times = alternate({"one": one, "eight": eight}, args.repeats * 3)
+        return statistics.median(times["one"]), 8 / statistics.median(times["eight"])
 
     print(f"\nembedded model, 64x64, 20 steps, torch threads {torch.get_num_threads()}, median of {args.repeats * 3}")
-    one(), eight()
-    rows = {}
-    for label in ("eager", "torch.compile"):
-        if label == "torch.compile":
-            started = time.perf_counter()
-            studio.models.get(None).pipe.unet.compile(dynamic=False)
-            one(), eight()
-            print(f"  compile (both shapes): {time.perf_counter() - started:.1f} s", flush=True)
-        times = alternate({"one": one, "eight": eight}, args.repeats * 3)
-        rows[label] = (statistics.median(times["one"]), 8 / statistics.median(times["eight"]))
-        print(f"  {label:14s} one image {rows[label][0]:.3f} s   batch 8: {rows[label][1]:.1f} images/s", flush=True)
-        if label == "eager":
-            pipe = studio.models.get(None).pipe
-            sample, text = torch.randn(2, 4, 16, 16), torch.randn(2, 16, pipe.unet.config.cross_attention_dim)
-            with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as trace:
-                for _ in range(20):
-                    pipe.unet(sample, torch.tensor(500), encoder_hidden_states=text)
-            print("  where one UNet call's time goes (20 calls, batch 2 as with CFG):")
-            for line in trace.key_averages().table(sort_by="self_cpu_time_total", row_limit=8).splitlines():
-                print("    " + line)
+    rows = {
+        "uncached": timed(cache_interval=1),
+        "defaults (studio.json: cache_interval 2)": timed(),
+    }
+    started = time.perf_counter()
+    studio.models.get(None).pipe.unet.compile(dynamic=False)
+    timed(cache_interval=1)
+    print(f"  torch.compile of the UNet (both shapes, eager to compiled): {time.perf_counter() - started:.1f} s")
+    rows["uncached, torch.compile"] = timed(cache_interval=1)
+    for label, (one, per_second) in rows.items():
+        print(f"  {label:42s} one image {one:.3f} s   batch 8: {per_second:.1f} images/s", flush=True)
+    studio.models.get(None).pipe.unet._compiled_call_impl = None
+
+    pipe = studio.models.get(None).pipe
+    sample, text = torch.randn(2, 4, 16, 16), torch.randn(2, 16, pipe.unet.config.cross_attention_dim)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as trace:
+        for _ in range(20):
+            pipe.unet(sample, torch.tensor(500), encoder_hidden_states=text)
+    print("  where one UNet call's time goes (20 calls, batch 2 as with CFG):")
+    for line in trace.key_averages().table(sort_by="self_cpu_time_total", row_limit=8).splitlines():
+        print("    " + line)
 
 
 # -- loading: peak RSS of a full-size single file ----------------------------------------------------------
 
 LOAD_SCRIPT = """
-import json, resource, sys, time
+import json, sys, time
 import torch
+
+
+def peak_rss() -> int:
+    """This process's peak resident set (VmHWM: unlike ru_maxrss, not inherited from the parent at exec)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
 started = time.perf_counter()
 if sys.argv[1] == "diffusers":
     from diffusers import StableDiffusionPipeline
@@ -213,13 +229,14 @@ else:
     from studio import Settings, Studio
     from studio.models import resolve_model_ref, weights_hash
     settings = Settings(model=sys.argv[2])
-    weights_hash(resolve_model_ref(None, settings), settings.hash_cache)  # what loading does first
-    hashing = time.perf_counter() - started
+    hashed = time.perf_counter()
+    weights_hash(resolve_model_ref(None, settings), settings.hash_cache)  # what loading does too
+    hashing = time.perf_counter() - hashed
     pipe = Studio(settings).models.get(None).pipe
 seconds = time.perf_counter() - started
 weights = sum(p.numel() * p.element_size() for name in ("unet", "vae", "text_encoder")
               for p in getattr(pipe, name).parameters())
-print(json.dumps({"seconds": seconds, "hashing": hashing, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+print(json.dumps({"seconds": seconds, "hashing": hashing, "peak": peak_rss(),
                   "weights": weights}))
 """
 
@@ -281,16 +298,15 @@ def section_cache(args) -> None:
         median = statistics.median(times[interval])
         print(f"  cache_interval {interval}: {median:.2f} s, {off / median:.2f}x faster", flush=True)
     print(f"ShapesEval of the embedded model, {args.shapes_prompts} held-out prompts, 20 steps:")
-    for interval in (None, 2, 3):
+    for interval in (1, 2, 3):
         command = [sys.executable, "-m", "studio.cli", "eval", "--prompts", str(args.shapes_prompts),
                    "--sheet", str(Path(tempfile.gettempdir()) / "speed_shapes.png")]
-        if interval:
-            command += ["--cache-interval", str(interval)]
+        command += ["--cache-interval", str(interval)]
         started = time.perf_counter()
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True,
                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
         overall = next(line.split()[-1] for line in done.stdout.splitlines() if line.strip().startswith("overall"))
-        print(f"  cache_interval {interval or 'off':>3}: overall {overall}  ({time.perf_counter() - started:.0f} s)",
+        print(f"  cache_interval {interval if interval > 1 else 'off':>3}: overall {overall}  ({time.perf_counter() - started:.0f} s)",
               flush=True)
 
 

@@ -1,6 +1,8 @@
 """LoRAs through diffusers' own loader: a kohya-format file written for the tiny SD1.5 UNet, found in a models
 folder's `Lora/`, applied for one request only, cached in memory, recorded in the metadata."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -251,3 +253,37 @@ def test_a_server_takes_loras_by_name_only(lora_studio, tmp_path):
     for path in ["/etc/passwd", str(tmp_path / "missing.safetensors")]:
         with pytest.raises(StudioInputError, match="by name .* not by path"):
             render(server_studio, loras=[{"name_or_path": path, "weight": 1}])
+
+
+# -- the embedded model's demo LoRA (assets/embedded-lora, trained by studio.demo.train_lora) --------------
+
+DEMO_LORA = Path(__file__).resolve().parents[1] / "assets" / "embedded-lora" / "circles-as-squares.safetensors"
+CIRCLE_PROMPTS = [
+    "a large red circle on a white background",
+    "a large blue circle on the left on a gray background",
+    "a small green circle at the top on a black background",
+]
+
+
+def _shapes_drawn(studio, weight: float | None) -> list[str]:
+    """The shape the ShapesEval detector reads in each image (seeds 1-2 of each prompt); weight None: no LoRA."""
+    from studio.demo import shapes_eval
+
+    shapes = []
+    for prompt in CIRCLE_PROMPTS:
+        for seed in (1, 2):
+            fields = {} if weight is None else {"loras": [{"name_or_path": str(DEMO_LORA), "weight": weight}]}
+            image = studio.text_to_image(prompt, seed=seed, **fields).images[0]
+            detections = sorted(shapes_eval.detect(image), key=lambda d: d.area, reverse=True)
+            shapes.append(detections[0].shape if detections else "nothing")
+    return shapes
+
+
+@pytest.mark.embedded_quality
+def test_the_embedded_demo_lora_turns_circles_into_squares_only_at_weight_1(tmp_path):
+    assert DEMO_LORA.stat().st_size <= 2 * 1024 * 1024
+    studio = Studio(Settings(outputs_dir=tmp_path))
+    base, zero, one = _shapes_drawn(studio, None), _shapes_drawn(studio, 0.0), _shapes_drawn(studio, 1.0)
+    assert base.count("circle") >= 5, base  # of 6: the model draws what it is asked
+    assert zero == base  # weight 0 is the base model
+    assert one.count("square") >= 5, one  # the LoRA draws squares for "circle"

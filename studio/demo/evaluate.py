@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         help="CFG (ShapesEval default: the model's own; EditEval: the request default)",
     )
     parser.add_argument(
-        "--cache-interval", type=int, default=None, help="ShapesEval: step caching every N steps (default: off)"
+        "--cache-interval", type=int, default=None, help="ShapesEval: step caching every N steps, 1: off (default: the model's recommendation)"
     )
     parser.add_argument("--sheet", type=Path, default=None, help="contact sheet PNG (ShapesEval default: shapes_eval.png)")
     parser.add_argument("--json", type=Path, help="also write the scores as JSON here")
@@ -80,19 +80,22 @@ def main(argv: list[str] | None = None) -> int:
     studio = Studio(Settings(model=args.model))
     scenes = world.eval_scenes(args.prompts)
     images = []
+    # Unset, the model's recommendation applies (the embedded model's: every 2 steps); 1 turns it off.
+    caching = {} if args.cache_interval is None else {"cache_interval": args.cache_interval}
     for index, scene in enumerate(tqdm(scenes, desc="rendering", unit="image")):
         result = studio.text_to_image(
             scene.caption,
             seed=args.seed + index,
             num_inference_steps=steps,
             guidance_scale=guidance,
-            cache_interval=args.cache_interval,
+            **caching,
         )
         images.append(result.images[0])
 
     scores = shapes_eval.evaluate(images, scenes)
-    caching = f", step cache every {args.cache_interval}" if args.cache_interval else ""
-    print(f"ShapesEval, {len(scenes)} held-out prompts, {steps} steps, CFG {guidance}{caching}, model {args.model}")
+    cache = "the model's" if args.cache_interval is None else args.cache_interval
+    print(f"ShapesEval, {len(scenes)} held-out prompts, {steps} steps, CFG {guidance}, step cache {cache}, "
+          f"model {args.model}")
     for category, accuracy in scores.items():
         print(f"  {category:18s} {accuracy:.3f}")
     shapes_eval.contact_sheet(images, [scene.caption for scene in scenes], sheet)
