@@ -211,7 +211,7 @@ import torch
 
 
 def peak_rss() -> int:
-    """This process's peak resident set (VmHWM: unlike ru_maxrss, not inherited from the parent at exec)."""
+    # This process's peak resident set: VmHWM, which (unlike ru_maxrss) is not inherited from the parent at exec.
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
