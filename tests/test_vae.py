@@ -167,3 +167,33 @@ def test_an_sdxl_model_takes_a_vae_file_too(sdxl_folder, models_dir):
     assert np.array_equal(pixels(render(studio).images[0]), pixels(base.images[0]))
     view = next(iter(studio.models.vaes.entries.values()))
     assert type(view.pipe).__name__ == "StableDiffusionXLPipeline" and view.pipe.vae is not studio.models.get(None).pipe.vae
+
+
+def test_the_a1111_api_lists_add_ons_and_takes_sd_vae_by_name(vae_studio, models_dir, sd15_folder, tmp_path):
+    import base64
+    import io
+
+    from diffusers import UNet2DConditionModel
+    from test_api import make_client, make_ui
+    from test_loras import write_kohya_lora
+
+    write_kohya_lora(models_dir / "Lora" / "tiny.safetensors", UNet2DConditionModel.from_pretrained(sd15_folder / "unet"))
+    (models_dir / "embeddings").mkdir(exist_ok=True)
+    save_file({"emb_params": torch.ones(1, 32)}, str(models_dir / "embeddings" / "blobstyle.safetensors"))
+    api = make_client(make_ui(vae_studio, tmp_path))
+    vaes = {entry["model_name"] for entry in api.get("/sdapi/v1/sd-vae").json()}
+    assert {"other.safetensors", "own.safetensors", "other-folder"} <= vaes  # as A1111 names them, with the suffix
+    assert "tiny" in {entry["name"] for entry in api.get("/sdapi/v1/loras").json()}
+    assert "blobstyle" in api.get("/sdapi/v1/embeddings").json()["loaded"]
+
+    def txt2img(**overrides):
+        body = {"prompt": "a red circle", "seed": 3, "steps": 2, "width": 64, "height": 64, **overrides}
+        response = api.post("/sdapi/v1/txt2img", json=body)
+        assert response.status_code == 200, response.text
+        return pixels(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][0]))))
+
+    base = txt2img()
+    assert np.array_equal(base, txt2img(override_settings={"sd_vae": "Automatic"}))
+    assert np.abs(txt2img(override_settings={"sd_vae": "other"}) - base).max() > 0
+    refused = api.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "override_settings": {"sd_vae": "/etc/passwd"}})
+    assert refused.status_code == 422, refused.text

@@ -278,22 +278,22 @@ def _warnings_for(body: Txt2ImgBody) -> list[str]:
     return warnings
 
 
-def _overrides(ui, body: Txt2ImgBody, warnings: list[str]) -> str | None:
-    """The model an override_settings names (None: the default); other settings are checked or reported."""
-    model = None
+def _overrides(ui, body: Txt2ImgBody, warnings: list[str]) -> dict:
+    """The fields an override_settings sets (model, vae); other settings are checked or reported."""
+    fields = {"model": None}
     for key, value in (body.override_settings or {}).items():
         if key == "sd_model_checkpoint":
             ref = resolve_model(ui, value, "override_settings.sd_model_checkpoint")
-            model = None if ref == ui.settings.model else ref
+            fields["model"] = None if ref == ui.settings.model else ref
         elif key == "sd_vae":
             if value not in (None, "", "Automatic", "None"):
-                warnings.append(f"override_settings.sd_vae {value!r} ignored: the model's own VAE is used")
+                fields["vae"] = value  # a name in the models folders' VAE/ (the request refuses others)
         elif key == "CLIP_stop_at_last_layers":
             if value not in (None, 1):
                 warnings.append(f"override_settings.CLIP_stop_at_last_layers {value!r} ignored: clip skip is not supported")
         else:
             warnings.append(f"override_settings.{key} ignored")
-    return model
+    return fields
 
 
 def common_fields(ui, body: Txt2ImgBody, warnings: list[str]) -> tuple[dict, int]:
@@ -314,7 +314,7 @@ def common_fields(ui, body: Txt2ImgBody, warnings: list[str]) -> tuple[dict, int
         "guidance_scale": body.cfg_scale,
         "scheduler": sampler_to_studio(sampler, scheduler_type, field),
         "batch_size": body.batch_size,
-        "model": _overrides(ui, body, warnings),
+        **_overrides(ui, body, warnings),
     }
     for name in ("width", "height"):
         if name in body.model_fields_set:
@@ -669,17 +669,29 @@ def build_a1111_app(ui, gate, dependencies=()) -> FastAPI:
     async def latent_upscale_modes():
         return []
 
-    @app.get("/sd-vae")
+    def add_ons(kind: str) -> list[dict]:
+        """The models folders' LoRAs, embeddings or VAEs, by the names requests take."""
+        from studio.models import list_local_models
+
+        return [entry for entry in list_local_models(ui.settings, add_ons=True) if entry["type"] == kind]
+
+    @app.get("/sd-vae", summary="the VAEs in the models folders (override_settings.sd_vae takes these names)")
     async def sd_vae():
-        return []
+        entries = await run_in_threadpool(add_ons, "vae")
+        return [{"model_name": entry["reference"], "filename": entry["name"]} for entry in entries]
 
-    @app.get("/loras")
+    @app.get("/loras", summary="the LoRAs in the models folders (<lora:NAME:WEIGHT> in the prompt)")
     async def loras():
-        return []
+        entries = await run_in_threadpool(add_ons, "lora")
+        return [{"name": entry["reference"], "alias": entry["reference"], "path": entry["name"], "metadata": {}}
+                for entry in entries]
 
-    @app.get("/embeddings")
+    @app.get("/embeddings", summary="the textual-inversion embeddings in the models folders (their word in a prompt)")
     async def embeddings():
-        return {"loaded": {}, "skipped": {}}
+        entries = await run_in_threadpool(add_ons, "embedding")
+        loaded = {entry["reference"]: {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                       "shape": None, "vectors": None} for entry in entries}
+        return {"loaded": loaded, "skipped": {}}
 
     @app.get("/hypernetworks")
     async def hypernetworks():
