@@ -273,17 +273,20 @@ def _render_all(ray, pool, to_render, record, write_from_workers: bool, bar, sta
     running: dict = {}  # result ref -> (job, plan, worker)
     attempts: dict[str, int] = {}  # job id -> workers that died under it
     joined: set[int] = set()  # the workers that were ready once (a restarted one counts once)
+    idle: list = []  # ready workers that found no job left (a job a dead worker held may still come back)
     first_sent = all_ready = None
     images_then = 0
 
     def send(worker) -> None:
         nonlocal first_sent
-        if waiting:
-            job, plan = waiting.popleft()
-            method = worker.render_and_write if write_from_workers else worker.render
-            ref = method.remote(_job_data(job, plan), root)
-            running[ref] = (job, plan, worker)
-            first_sent = first_sent or time.perf_counter()
+        if not waiting:
+            idle.append(worker)
+            return
+        job, plan = waiting.popleft()
+        method = worker.render_and_write if write_from_workers else worker.render
+        ref = method.remote(_job_data(job, plan), root)
+        running[ref] = (job, plan, worker)
+        first_sent = first_sent or time.perf_counter()
 
     while running or (starting and waiting):
         # Every reply ready now, not one per call: with many workers, one wait per result costs more than it saves.
@@ -309,6 +312,8 @@ def _render_all(ray, pool, to_render, record, write_from_workers: bool, bar, sta
                 if attempts[job.job_id] < MAX_ATTEMPTS:
                     waiting.appendleft((job, plan))  # at least once: to the next free worker
                     summary.retried += 1
+                    if idle:  # one is free already: the restarting worker may never come back
+                        send(idle.pop())
                     continue
                 reply = {"error": f"its worker died {MAX_ATTEMPTS} times while rendering it ({type(reply).__name__})"}
             else:
