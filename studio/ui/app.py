@@ -92,7 +92,7 @@ def build_app(studio, settings: Settings, *, queue_size: int = server.DEFAULT_QU
             with gr.Tab("Models and settings", id="models") as models_tab:
                 build_models_tab(ui, demo, models_tab)
         wire_send_to(ui, tabs, task_tabs)
-        with gr.Accordion(f"History: the newest images in {settings.outputs_dir}", open=True):
+        with gr.Accordion("History: the newest images of the outputs folder", open=True):
             history_gallery.render()
         # A reloaded page (or a new tab) starts from the outputs folder, newest first.
         demo.load(ui.recent_outputs, None, history, queue=False, api_visibility="private").then(
