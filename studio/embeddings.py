@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import re
-import threading
-from collections import OrderedDict
 from pathlib import Path
 
+from .file_cache import FileCache
 from .requests import BaseRequest, EmbeddingRef, StudioInputError, quote
 from .settings import Settings
 
@@ -184,35 +183,15 @@ def prepare_embeddings(request: BaseRequest, settings: Settings) -> BaseRequest:
 MAX_CACHED_EMBEDDINGS = 32  # vectors kept in memory (an embedding is a few KB)
 
 
-class EmbeddingFiles:
-    """Embedding files' vectors, read once per file version (path, size, mtime); the last few kept in memory.
-    One per ModelManager (a studio's model cache), never module-level state."""
+class EmbeddingFiles(FileCache):
+    """Embedding files' vectors, read once per file version; the last few kept in memory."""
 
     def __init__(self, capacity: int = MAX_CACHED_EMBEDDINGS):
-        self.capacity = capacity
-        self.entries: OrderedDict[tuple, dict] = OrderedDict()
-        self.reads = 0  # files read from disk (the tests check the cache with it)
-        self._lock = threading.Lock()
+        super().__init__(read_embedding_file, capacity)
 
     def vectors(self, path: Path, allow_pickle: bool = False) -> dict:
         """{"": (n, width)} for SD 1.x/2.x files, {"clip_l": ..., "clip_g": ...} for SDXL files."""
-        stat = path.stat()
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
-        with self._lock:
-            if key in self.entries:
-                self.entries.move_to_end(key)
-                return self.entries[key]
-        vectors = read_embedding_file(path, allow_pickle)
-        with self._lock:
-            self.reads += 1
-            self.entries[key] = vectors
-            while len(self.entries) > self.capacity:
-                self.entries.popitem(last=False)
-        return vectors
-
-    def clear(self) -> None:
-        with self._lock:
-            self.entries.clear()
+        return self.get(path, allow_pickle)
 
 
 def read_embedding_file(path: Path, allow_pickle: bool = False) -> dict:

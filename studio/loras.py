@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import re
-import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 
+from .file_cache import FileCache
 from .requests import BaseRequest, LoraRef, StudioInputError, quote
 from .settings import Settings
 
@@ -144,33 +143,15 @@ def prepare_loras(request: BaseRequest, settings: Settings) -> BaseRequest:
 MAX_CACHED_LORAS = 8  # state dicts kept in memory (a LoRA is a few to a few hundred MB)
 
 
-class LoraFiles:
-    """LoRA files' tensors, read once per file version (path, size, mtime); the last few kept in memory.
-    One per ModelManager (a studio's model cache), never module-level state."""
+class LoraFiles(FileCache):
+    """LoRA files' tensors, read once per file version; the last few kept in memory."""
 
     def __init__(self, capacity: int = MAX_CACHED_LORAS):
-        self.capacity = capacity
-        self.entries: OrderedDict[tuple, dict] = OrderedDict()
+        super().__init__(read_lora_file, capacity)
         self.load_seconds: dict[str, float] = {}  # the last load time of each file (reading + applying)
-        self._lock = threading.Lock()
 
     def state_dict(self, path: Path, allow_pickle: bool = False) -> dict:
-        stat = path.stat()
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
-        with self._lock:
-            if key in self.entries:
-                self.entries.move_to_end(key)
-                return self.entries[key]
-        state = read_lora_file(path, allow_pickle)
-        with self._lock:
-            self.entries[key] = state
-            while len(self.entries) > self.capacity:
-                self.entries.popitem(last=False)
-        return state
-
-    def clear(self) -> None:
-        with self._lock:
-            self.entries.clear()
+        return self.get(path, allow_pickle)
 
 
 def read_lora_file(path: Path, allow_pickle: bool = False) -> dict:
