@@ -18,7 +18,7 @@ from studio.requests import BaseRequest, StudioInputError
 from studio.schedulers import make_scheduler
 from studio.settings import Settings
 
-from .toolbox import native_side
+from .toolbox import PipelineWrapper, native_side
 
 
 class NonFiniteOutputError(RuntimeError):
@@ -77,18 +77,9 @@ def with_scheduler(
     return context.models.derive(loaded, type(pipe), scheduler=scheduler, **components)
 
 
-class LoraPipeline:
+class LoraPipeline(PipelineWrapper):
     """A pipeline whose call runs with the request's LoRAs loaded into the model (studio.loras), and unloaded
     again when the call returns or fails; everything else is the wrapped pipeline's."""
-
-    def __init__(self, pipe, loaded: LoadedModel, loras: list, settings: Settings, files):
-        self.__dict__.update(_pipe=pipe, _loaded=loaded, _loras=list(loras), _settings=settings, _files=files)
-
-    def __getattr__(self, name: str):
-        return getattr(self.__dict__["_pipe"], name)
-
-    def __setattr__(self, name: str, value) -> None:
-        setattr(self._pipe, name, value)
 
     def __call__(self, *args, **kwargs):
         from studio.loras import loras_applied
@@ -97,15 +88,18 @@ class LoraPipeline:
             return self._pipe(*args, **kwargs)
 
 
-def with_loras(context: TaskContext, loaded: LoadedModel, pipe, request: BaseRequest):
-    """`pipe`, or, when the request has LoRAs, `pipe` whose call applies them for that call only: the cached
-    model never keeps them; with the request's `cache_interval`, the call also caches steps (step_cache.py).
+def for_sampling(context: TaskContext, loaded: LoadedModel, pipe, request: BaseRequest):
+    """`pipe` as the request samples with it, for that call only: A1111 prompt syntax and long prompts read
+    at call time (prompts.py), inside the request's LoRAs (so text-encoder LoRAs shape the embeddings; the
+    cached model never keeps them), inside the request's step caching (step_cache.py).
     Every task that samples through a pipeline gets it through here."""
+    from .prompts import with_prompt_weights
     from .step_cache import with_step_cache
 
-    loras = getattr(request, "loras", None)
-    if loras:
-        pipe = LoraPipeline(pipe, loaded, loras, context.settings, context.models.lora_files)
+    pipe = with_prompt_weights(pipe)
+    if request.loras:
+        pipe = LoraPipeline(pipe, loaded=loaded, loras=list(request.loras), settings=context.settings,
+                            files=context.models.lora_files)
     return with_step_cache(pipe, request.cache_interval)
 
 

@@ -169,13 +169,12 @@ def run(request: InpaintRequest, context: TaskContext, seeds: list[int], plan=No
     """Inpaint `len(seeds)` images; returns PIL images in seed order."""
     from .common import (
         decode_latents,
+        for_sampling,
         sampling_kwargs,
         to_pil,
         warn_if_truncated,
-        with_loras,
         with_scheduler,
     )
-    from .prompts import with_prompt_weights
 
     # 1. the canvas and masks, as check_inputs planned them
     plan = plan or plan_inpaint(request, context.images)
@@ -185,8 +184,7 @@ def run(request: InpaintRequest, context: TaskContext, seeds: list[int], plan=No
     loaded = context.models.get(request.model)
     pipe = context.models.derive(loaded, _pipeline_class(loaded))
     pipe = with_scheduler(context, loaded, pipe, request.scheduler, request.prediction_type)
-    pipe = with_prompt_weights(pipe)  # A1111 prompt syntax and long prompts, encoded at call time
-    pipe = with_loras(context, loaded, pipe, request)  # the request's LoRAs, for its sampling call only
+    pipe = for_sampling(context, loaded, pipe, request)  # prompt syntax, LoRAs, step cache: this call only
     factor = pipe.vae_scale_factor
     warn_if_truncated(pipe, request.prompt, context)
     warn_if_truncated(pipe, request.negative_prompt, context, "negative_prompt")

@@ -17,6 +17,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .toolbox import PipelineWrapper
+
 ROUND_FACTOR = 1.1  # (word): A1111's emphasis
 SQUARE_FACTOR = 1 / 1.1  # [word]
 MAX_PROMPT_CHUNKS = 16  # windows per prompt (16 x 75 tokens); the rest is cut, with a warning
@@ -319,19 +321,10 @@ def prompt_kwargs(pipe, prompt: str, negative_prompt: str) -> dict:
     return encode_weighted(pipe, prompt or "", negative_prompt or "")
 
 
-class PromptWeightsPipeline:
+class PromptWeightsPipeline(PipelineWrapper):
     """A pipeline whose call reads its `prompt` and `negative_prompt` text as A1111 syntax (prompt_kwargs), at
     call time: inside any LoRA the call applies, so text-encoder LoRAs shape the embeddings. Everything else
     is the wrapped pipeline's."""
-
-    def __init__(self, pipe):
-        self.__dict__.update(_pipe=pipe)
-
-    def __getattr__(self, name: str):
-        return getattr(self.__dict__["_pipe"], name)
-
-    def __setattr__(self, name: str, value) -> None:
-        setattr(self._pipe, name, value)
 
     def __call__(self, *args, **kwargs):
         prompt, negative = kwargs.pop("prompt", None), kwargs.pop("negative_prompt", None)
@@ -340,5 +333,5 @@ class PromptWeightsPipeline:
 
 
 def with_prompt_weights(pipe):
-    """`pipe`, whose call takes A1111 prompt syntax and long prompts (wrap before `with_loras`)."""
+    """`pipe`, whose call takes A1111 prompt syntax and long prompts (common.for_sampling wraps it in the LoRAs)."""
     return PromptWeightsPipeline(pipe)

@@ -286,8 +286,7 @@ def check_inputs(request: SketchToImageRequest, context: TaskContext) -> tuple:
 def _derived(context: TaskContext, loaded, pipeline_class, request, cache_key: str | None = None, **components):
     """A pipeline of `pipeline_class` sharing the loaded weights, plus `components` (cached per key), with the
     request's sampler and prediction type."""
-    from .common import with_loras, with_scheduler
-    from .prompts import with_prompt_weights
+    from .common import for_sampling, with_scheduler
 
     if components and cache_key:
         key = f"{pipeline_class.__name__}[{cache_key}]"
@@ -299,8 +298,7 @@ def _derived(context: TaskContext, loaded, pipeline_class, request, cache_key: s
     else:
         pipe = context.models.derive(loaded, pipeline_class, **components)
     pipe = with_scheduler(context, loaded, pipe, request.scheduler, request.prediction_type, **components)
-    pipe = with_prompt_weights(pipe)  # A1111 prompt syntax and long prompts, encoded at call time
-    return with_loras(context, loaded, pipe, request)  # the request's LoRAs, for its sampling call only
+    return for_sampling(context, loaded, pipe, request)  # prompt syntax, LoRAs, step cache: this call only
 
 
 def _load_component(conditioner: Conditioner, loaded, context: TaskContext):

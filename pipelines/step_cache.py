@@ -10,20 +10,13 @@ from __future__ import annotations
 
 import logging
 
+from .toolbox import PipelineWrapper
+
 log = logging.getLogger(__name__)
 
 
-class StepCachePipeline:
+class StepCachePipeline(PipelineWrapper):
     """A pipeline whose call runs with DeepCache on its UNet; everything else is the wrapped pipeline's."""
-
-    def __init__(self, pipe, cache_interval: int):
-        self.__dict__.update(_pipe=pipe, _cache_interval=cache_interval)
-
-    def __getattr__(self, name: str):
-        return getattr(self.__dict__["_pipe"], name)
-
-    def __setattr__(self, name: str, value) -> None:
-        setattr(self._pipe, name, value)
 
     def __call__(self, *args, **kwargs):
         from DeepCache import DeepCacheSDHelper
@@ -48,4 +41,4 @@ def with_step_cache(pipe, cache_interval: int | None):
     if not all(hasattr(unet, name) for name in ("down_blocks", "mid_block", "up_blocks")):
         log.warning("step caching needs a UNet with down, mid and up blocks; this one runs uncached")
         return pipe
-    return StepCachePipeline(pipe, cache_interval)
+    return StepCachePipeline(pipe, cache_interval=cache_interval)

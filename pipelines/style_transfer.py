@@ -157,14 +157,13 @@ def run(request: StyleTransferRequest, context: TaskContext, seeds: list[int], p
     from .common import (
         check_standard_unet,
         decode_latents,
+        for_sampling,
         fresh_scheduler,
         image_to_image_class,
         sampling_kwargs,
         to_pil,
         warn_if_truncated,
-        with_loras,
     )
-    from .prompts import with_prompt_weights
 
     method = resolve_method(request)
 
@@ -197,13 +196,13 @@ def run(request: StyleTransferRequest, context: TaskContext, seeds: list[int], p
     elif method == "ip_adapter":
         config = ip_adapter_config(context.settings)
         pipe = context.models.derive(loaded, pipeline_class, scheduler=scheduler)
-        pipe = with_loras(context, loaded, with_prompt_weights(pipe), request)  # LoRAs for this call only
+        pipe = for_sampling(context, loaded, pipe, request)  # prompt syntax, LoRAs, step cache: this call only
         reference = flatten(context.images["reference_image"])
         with ip_adapter_loaded(pipe, config, request.style_strength):
             output = pipe(ip_adapter_image=reference, **call)
     else:
         pipe = context.models.derive(loaded, pipeline_class, scheduler=scheduler)
-        pipe = with_loras(context, loaded, with_prompt_weights(pipe), request)
+        pipe = for_sampling(context, loaded, pipe, request)
         output = pipe(**call)
     context.progress.raise_if_cancelled()
 
@@ -217,15 +216,14 @@ def _run_reference(request, context, loaded, pipeline_class, scheduler, call):
     from PIL import ImageOps
 
     from .attention import reference_unet, shared_attention
-    from .common import encode_image, with_loras
-    from .prompts import with_prompt_weights
+    from .common import encode_image, for_sampling
 
     base = loaded.pipe
     width, height = call["image"].size
     reference = ImageOps.fit(flatten(context.images["reference_image"]), (width, height), method=3)
     wrapper = reference_unet(base, encode_image(base, reference), request.style_strength, REFERENCE_NOISE_SEED)
     pipe = context.models.derive(loaded, pipeline_class, unet=wrapper, scheduler=scheduler)
-    pipe = with_loras(context, loaded, with_prompt_weights(pipe), request)  # into the base UNet the wrapper runs
+    pipe = for_sampling(context, loaded, pipe, request)  # into the base UNet the wrapper runs
     with shared_attention(base.unet, wrapper.state):
         return pipe(**call)
 

@@ -67,20 +67,18 @@ def run(request: TextToImageRequest, context: TaskContext, seeds: list[int], pla
         check_output_size,
         check_standard_unet,
         decode_latents,
+        for_sampling,
         sampling_kwargs,
         to_pil,
         warn_if_truncated,
-        with_loras,
         with_scheduler,
     )
-    from .prompts import with_prompt_weights
 
     # 1. load the model (cached) and pick the sampler
     loaded = context.models.get(request.model)
     check_standard_unet(loaded, "text_to_image")
     base = with_scheduler(context, loaded, loaded.pipe, request.scheduler, request.prediction_type)
-    pipe = with_prompt_weights(base)  # A1111 prompt syntax and long prompts, encoded at call time
-    pipe = with_loras(context, loaded, pipe, request)  # the request's LoRAs, for its sampling call only
+    pipe = for_sampling(context, loaded, base, request)  # prompt syntax, LoRAs, step cache: this call only
     width, height = output_size(request, native_side(pipe))
     if request.hr_scale is not None:
         check_output_size(request, context)  # again, now that the model's native size is known (single files)
@@ -116,14 +114,13 @@ def hires_fix(request: TextToImageRequest, context: TaskContext, loaded, base, l
 
     from .common import (
         decode_latents,
+        for_sampling,
         encode_image,
         fresh_scheduler,
         image_to_image_class,
         sampling_kwargs,
         to_pil,
-        with_loras,
     )
-    from .prompts import with_prompt_weights
 
     target_w, target_h = hires_size(size, request.hr_scale)
     steps = request.hr_steps or request.num_inference_steps
@@ -158,7 +155,7 @@ def hires_fix(request: TextToImageRequest, context: TaskContext, loaded, base, l
         scheduler=fresh_scheduler(loaded, request.scheduler, request.prediction_type),
         vae=base.vae,
     )
-    pipe = with_loras(context, loaded, with_prompt_weights(pipe), request)
+    pipe = for_sampling(context, loaded, pipe, request)
     context.progress.raise_if_cancelled()
     output = pipe(
         prompt=request.prompt,

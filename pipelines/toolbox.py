@@ -141,3 +141,16 @@ def check_min_side(image, name: str, min_side: int = MIN_SIDE) -> None:
         raise StudioInputError(
             f"{name} is {image.width}x{image.height}; it must be at least {min_side} pixels on each side"
         )
+
+
+class PipelineWrapper:
+    """A pipeline seen through a wrapper: every attribute is the wrapped pipeline's; subclasses change the call."""
+
+    def __init__(self, pipe, **state):
+        self.__dict__.update(_pipe=pipe, **{f"_{name}": value for name, value in state.items()})
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["_pipe"], name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self._pipe, name, value)
