@@ -13,7 +13,7 @@ import contextlib
 import re
 from pathlib import Path
 
-from .file_cache import FileCache
+from .add_on_files import NO_MODELS_FOLDER, FileCache, looks_like_path, refuse_paths_on_a_server, refuse_pickle
 from .requests import BaseRequest, EmbeddingRef, StudioInputError, quote
 from .settings import Settings
 
@@ -41,21 +41,7 @@ def parse_embedding_argument(value: str) -> dict:
 
 
 def _looks_like_path(value: str) -> bool:
-    return (
-        "/" in value
-        or "\\" in value
-        or value.startswith(("~", "."))
-        or Path(value).suffix.lower() in EMBEDDING_SUFFIXES + PICKLE_SUFFIXES
-    )
-
-
-def _check_pickle(path: Path, settings: Settings, label: str) -> None:
-    suffix = path.suffix.lower()
-    if suffix in PICKLE_SUFFIXES and not settings.allow_pickle:
-        raise StudioInputError(
-            f"embedding {quote(label)} ({path}) is a pickle ({suffix}), which can run code when loaded; use a "
-            ".safetensors file, or opt in with --allow-pickle (loaded with weights_only)"
-        )
+    return looks_like_path(value, EMBEDDING_SUFFIXES + PICKLE_SUFFIXES)
 
 
 def resolve_embedding(name_or_path: str, settings: Settings) -> Path:
@@ -63,16 +49,13 @@ def resolve_embedding(name_or_path: str, settings: Settings) -> Path:
     `<models_dir>/embeddings/<name>.safetensors` (then .pt, .bin) in each models folder."""
     value = name_or_path.strip()
     if _looks_like_path(value):
-        if not settings.lora_paths:  # a server takes add-ons by name: the same answer whether the file exists or not
-            raise StudioInputError(
-                f"embedding {quote(value)}: this server takes embeddings by name (from its models folders), not by path"
-            )
+        refuse_paths_on_a_server(value, settings, "embedding", "embeddings")
         path = Path(value).expanduser()
         if not path.is_file():
             raise StudioInputError(f"embedding {quote(value)} not found: no such file")
         if path.suffix.lower() not in EMBEDDING_SUFFIXES + PICKLE_SUFFIXES:
             raise StudioInputError(f"embedding {quote(value)} is not a .safetensors (or .pt/.bin) file")
-        _check_pickle(path, settings, value)
+        refuse_pickle(path, settings, "embedding", value, PICKLE_SUFFIXES)
         return path.resolve()
     looked = []
     for root in settings.models_dirs:
@@ -80,12 +63,9 @@ def resolve_embedding(name_or_path: str, settings: Settings) -> Path:
             candidate = Path(root).expanduser() / EMBEDDINGS_FOLDER / f"{value}{suffix}"
             looked.append(str(candidate))
             if candidate.is_file():
-                _check_pickle(candidate, settings, value)
+                refuse_pickle(candidate, settings, "embedding", value, PICKLE_SUFFIXES)
                 return candidate.resolve()
-    if looked:
-        where = "; looked for " + ", ".join(looked)
-    else:
-        where = "; no models folder is set to look in (--models-dir or STUDIO_MODELS_DIRS)"
+    where = "; looked for " + ", ".join(looked) if looked else NO_MODELS_FOLDER
     raise StudioInputError(f"embedding {quote(value)} not found{where}")
 
 
@@ -170,7 +150,7 @@ def prepare_embeddings(request: BaseRequest, settings: Settings) -> BaseRequest:
         path = available[written.lower()].resolve()
         if path in seen or any(ref.token and ref.token.lower() == written.lower() for ref in resolved):
             continue
-        _check_pickle(path, settings, path.stem)
+        refuse_pickle(path, settings, "embedding", path.stem, PICKLE_SUFFIXES)
         resolved.append(EmbeddingRef(name_or_path=path.stem, token=path.stem, hash=embedding_hash(path, settings)))
         seen.add(path)
     if not resolved and not refs:

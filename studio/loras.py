@@ -12,7 +12,7 @@ import re
 import time
 from pathlib import Path
 
-from .file_cache import FileCache
+from .add_on_files import NO_MODELS_FOLDER, FileCache, looks_like_path, refuse_paths_on_a_server, refuse_pickle
 from .requests import BaseRequest, LoraRef, StudioInputError, quote
 from .settings import Settings
 
@@ -65,12 +65,7 @@ def parse_lora_argument(value: str) -> dict:
 
 
 def _looks_like_path(value: str) -> bool:
-    return (
-        "/" in value
-        or "\\" in value
-        or value.startswith(("~", "."))
-        or Path(value).suffix.lower() in LORA_SUFFIXES + PICKLE_SUFFIXES
-    )
+    return looks_like_path(value, LORA_SUFFIXES + PICKLE_SUFFIXES)
 
 
 def resolve_lora(name_or_path: str, settings: Settings) -> Path:
@@ -78,20 +73,12 @@ def resolve_lora(name_or_path: str, settings: Settings) -> Path:
     `<models_dir>/Lora/<name>.safetensors` then `<models_dir>/<name>.safetensors` in each models folder."""
     value = name_or_path.strip()
     if _looks_like_path(value):
-        if not settings.lora_paths:  # the same answer whether the file exists or not
-            raise StudioInputError(
-                f"LoRA {quote(value)}: this server takes LoRAs by name (from its models folders), not by path"
-            )
+        refuse_paths_on_a_server(value, settings, "LoRA", "LoRAs")
         path = Path(value).expanduser()
         if not path.is_file():
             raise StudioInputError(f"LoRA {quote(value)} not found: no such file")
-        suffix = path.suffix.lower()
-        if suffix in PICKLE_SUFFIXES and not settings.allow_pickle:
-            raise StudioInputError(
-                f"LoRA {quote(value)} is a pickle ({suffix}), which can run code when loaded; use a .safetensors "
-                "file, or opt in with --allow-pickle (loaded with weights_only)"
-            )
-        if suffix not in LORA_SUFFIXES + PICKLE_SUFFIXES:
+        refuse_pickle(path, settings, "LoRA", value, PICKLE_SUFFIXES)
+        if path.suffix.lower() not in LORA_SUFFIXES + PICKLE_SUFFIXES:
             raise StudioInputError(f"LoRA {quote(value)} is not a .safetensors file")
         return path.resolve()
     looked = []
@@ -101,10 +88,7 @@ def resolve_lora(name_or_path: str, settings: Settings) -> Path:
             looked.append(str(candidate))
             if candidate.is_file():
                 return candidate.resolve()
-    if looked:
-        where = "; looked for " + ", ".join(looked)
-    else:
-        where = "; no models folder is set to look in (--models-dir or STUDIO_MODELS_DIRS)"
+    where = "; looked for " + ", ".join(looked) if looked else NO_MODELS_FOLDER
     raise StudioInputError(f"LoRA {quote(value)} not found{where}")
 
 

@@ -17,6 +17,7 @@ import threading
 from collections import OrderedDict
 from pathlib import Path
 
+from .add_on_files import NO_MODELS_FOLDER, looks_like_path, refuse_paths_on_a_server, refuse_pickle
 from .requests import BaseRequest, StudioInputError, VaeRef, quote
 from .settings import Settings
 
@@ -30,10 +31,6 @@ NAME_SUFFIXES = ("", ".safetensors", ".vae.safetensors", ".pt", ".vae.pt", ".ckp
 VAE_REFUSED_TASKS = {"imagic": "imagic trains on its own encoding of the image; a separate VAE is not supported there"}
 
 
-def _looks_like_path(value: str) -> bool:
-    return "/" in value or "\\" in value or value.startswith(("~", "."))
-
-
 def _check_vae_path(path: Path, settings: Settings, label: str) -> Path:
     if path.is_dir():
         if weights_file(path) is None:
@@ -42,13 +39,8 @@ def _check_vae_path(path: Path, settings: Settings, label: str) -> Path:
                 "diffusion_pytorch_model.safetensors, itself or in vae/)"
             )
         return path.resolve()
-    suffix = path.suffix.lower()
-    if suffix in PICKLE_SUFFIXES and not settings.allow_pickle:
-        raise StudioInputError(
-            f"VAE {quote(label)} ({path}) is a pickle ({suffix}), which can run code when loaded; use a "
-            ".safetensors file, or opt in with --allow-pickle (loaded with weights_only)"
-        )
-    if suffix not in VAE_SUFFIXES + PICKLE_SUFFIXES:
+    refuse_pickle(path, settings, "VAE", label, PICKLE_SUFFIXES)
+    if path.suffix.lower() not in VAE_SUFFIXES + PICKLE_SUFFIXES:
         raise StudioInputError(f"VAE {quote(label)} is neither a .safetensors file nor a diffusers VAE folder")
     return path.resolve()
 
@@ -57,9 +49,8 @@ def resolve_vae(name_or_path: str, settings: Settings) -> Path:
     """The VAE file or folder a reference points at: a path that must exist, or a name looked up in each models
     folder's `VAE/` (as given, then with .safetensors, .vae.safetensors, .pt, .vae.pt, .ckpt, .bin)."""
     value = name_or_path.strip()
-    if _looks_like_path(value):
-        if not settings.lora_paths:  # a server takes add-ons by name: the same answer whether the file exists or not
-            raise StudioInputError(f"VAE {quote(value)}: this server takes VAEs by name (from its models folders), not by path")
+    if looks_like_path(value):
+        refuse_paths_on_a_server(value, settings, "VAE", "VAEs")
         path = Path(value).expanduser()
         if not path.exists():
             raise StudioInputError(f"VAE {quote(value)} not found: no such file or folder")
@@ -76,7 +67,7 @@ def resolve_vae(name_or_path: str, settings: Settings) -> Path:
         where = "; looked in " + ", ".join(dict.fromkeys(str(Path(p).parent) for p in looked))
         where += f" for {value}{{{','.join(suffix for suffix in NAME_SUFFIXES if suffix)}}} or a folder {value}/"
     else:
-        where = "; no models folder is set to look in (--models-dir or STUDIO_MODELS_DIRS)"
+        where = NO_MODELS_FOLDER
     raise StudioInputError(f"VAE {quote(value)} not found{where}")
 
 
@@ -115,7 +106,7 @@ def prepare_vae(request: BaseRequest, settings: Settings) -> BaseRequest:
     if refused:
         raise StudioInputError(f"{refused} (asked for {quote(ref.name_or_path)})")
     path = resolve_vae(ref.name_or_path, settings)
-    if _looks_like_path(ref.name_or_path):
+    if looks_like_path(ref.name_or_path):
         name_or_path = str(path)
     else:  # A1111 names a VAE by its file name in VAE/
         name_or_path = path.name if path.is_file() else ref.name_or_path
