@@ -190,7 +190,7 @@ def test_every_task_has_a_stable_endpoint(client):
     names = [p["parameter_name"] for p in endpoints["/text_to_image"]["parameters"]]
     assert names == [
         "prompt", "negative_prompt", "seed", "width", "height", "num_inference_steps", "guidance_scale",
-        "scheduler", "batch_size", "hr_scale", "hr_steps", "hr_denoising_strength", "hr_upscaler",
+        "scheduler", "batch_size", "vae", "hr_scale", "hr_steps", "hr_denoising_strength", "hr_upscaler",
     ]  # fmt: skip
     inpaint = [p["parameter_name"] for p in endpoints["/inpaint"]["parameters"]]
     assert inpaint[:2] == ["image", "mask_image"] and "strength" in inpaint

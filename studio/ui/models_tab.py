@@ -14,6 +14,36 @@ from studio.settings import ADD_ON_FOLDERS
 from .runner import StudioUI, friendly
 
 CONTENT_COLUMNS = ("type", "name", "architecture", "size", "hash", "reference")
+AUTOMATIC_VAE = "Automatic"  # A1111's name for "the model's own VAE"
+
+
+def vae_choices(settings) -> list[tuple[str, str]]:
+    """(label, value) for the VAE dropdown: "Automatic" (the model's own: an empty value, the request's None)
+    and each VAE the models folders hold, by the name a request takes (names only: a server takes no paths)."""
+    from studio.add_on_files import looks_like_path
+    from studio.models import list_local_models
+
+    names = [
+        entry["reference"]
+        for entry in list_local_models(settings, add_ons=True)
+        if entry["type"] == "vae" and not looks_like_path(entry["reference"])
+    ]
+    return [(AUTOMATIC_VAE, ""), *((name, name) for name in dict.fromkeys(names))]
+
+
+def vae_dropdown(ui: StudioUI, task: str) -> gr.Dropdown:
+    """A task tab's VAE picker (A1111's "SD VAE"); its list is read again each time it is opened."""
+    dropdown = gr.Dropdown(
+        vae_choices(ui.settings),
+        value="",
+        label="VAE",
+        info="Automatic: the model's own; or one from the models folders' VAE/ (--models-dir)",
+        elem_id=f"{task}-vae",
+    )
+    dropdown.focus(
+        lambda: gr.Dropdown(choices=vae_choices(ui.settings)), None, dropdown, queue=False, api_visibility="private"
+    )
+    return dropdown
 
 
 def models_folder_rows(settings) -> list[list[str]]:

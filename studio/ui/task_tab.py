@@ -16,7 +16,9 @@ from studio.requests import (
     BaseRequest,
     StudioInputError,
 )
+from studio.vae import VAE_REFUSED_TASKS
 
+from .models_tab import vae_dropdown
 from .runner import StudioUI, add_history, friendly, session_key
 from .widgets import (
     FieldNumber,
@@ -126,6 +128,8 @@ def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
                 tab.cancel_button = gr.Button("Cancel", variant="stop", scale=1, elem_id=f"{task}-cancel")
             with gr.Accordion("Settings", open=not tab.spec.image_fields, elem_id=f"{task}-settings"):
                 _common_controls(tab)
+                if task not in VAE_REFUSED_TASKS:
+                    tab.inputs["vae"] = vae_dropdown(ui, task)
             others = [name for name in extras if name not in promoted]
             if others:
                 # text_to_image's options are all the hires fix's (hr_*): say so in the title
@@ -500,6 +504,8 @@ def wire_send_to(ui: StudioUI, tabs: gr.Tabs, task_tabs: dict[str, TaskTab]) -> 
                     fields = dict(data["request"])
                     fields["seed"] = data.get("seed", fields.get("seed"))
                     fields["batch_size"] = 1
+                    if "vae" in widgets:  # the picker shows a VAE by name ("": the model's own)
+                        fields["vae"] = (fields.get("vae") or {}).get("name_or_path", "")
                     if fields.get("scheduler") is None:
                         fields["scheduler"] = DEFAULT_SCHEDULER
                     updates = {tabs: gr.Tabs(selected=name)}
