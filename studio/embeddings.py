@@ -46,7 +46,8 @@ def _looks_like_path(value: str) -> bool:
 
 def resolve_embedding(name_or_path: str, settings: Settings) -> Path:
     """The embedding file a reference points at: a path that must exist, or a name looked up as
-    `<models_dir>/embeddings/<name>.safetensors` (then .pt, .bin) in each models folder."""
+    `<models_dir>/embeddings/<name>.safetensors` (then .pt, .bin), then `<models_dir>/<name>.safetensors` when its
+    keys are an embedding's (the flat layout), in each models folder."""
     value = name_or_path.strip()
     if _looks_like_path(value):
         refuse_paths_on_a_server(value, settings, "embedding", "embeddings")
@@ -57,6 +58,8 @@ def resolve_embedding(name_or_path: str, settings: Settings) -> Path:
             raise StudioInputError(f"embedding {quote(value)} is not a .safetensors (or .pt/.bin) file")
         refuse_pickle(path, settings, "embedding", value, PICKLE_SUFFIXES)
         return path.resolve()
+    from .models import flat_layout_file
+
     looked = []
     for root in settings.models_dirs:
         for suffix in EMBEDDING_SUFFIXES + PICKLE_SUFFIXES:
@@ -65,21 +68,34 @@ def resolve_embedding(name_or_path: str, settings: Settings) -> Path:
             if candidate.is_file():
                 refuse_pickle(candidate, settings, "embedding", value, PICKLE_SUFFIXES)
                 return candidate.resolve()
+        flat = flat_layout_file(root, value, "embedding")  # beside the sub-folders, told by its keys
+        looked.append(str(Path(root).expanduser() / f"{value}.safetensors") + " (if an embedding)")
+        if flat is not None:
+            return flat.resolve()
     where = "; looked for " + ", ".join(looked) if looked else NO_MODELS_FOLDER
     raise StudioInputError(f"embedding {quote(value)} not found{where}")
 
 
-def folder_embeddings(settings: Settings) -> dict[str, Path]:
-    """Every embedding file in the models folders' `embeddings/`, by lower-cased file name (the first folder wins)."""
+def folder_embeddings(settings: Settings, text: str | None = None) -> dict[str, Path]:
+    """Every embedding file in the models folders' `embeddings/`, and beside them (the flat layout) each
+    .safetensors file whose keys are an embedding's, by lower-cased file name (the first folder wins). With
+    `text`, a flat-layout file is looked at only when its name is a word of it (no header read for the rest)."""
+    from .models import classify_weights_file
+
     found: dict[str, Path] = {}
     for root in settings.models_dirs:
-        folder = Path(root).expanduser() / EMBEDDINGS_FOLDER
-        if not folder.is_dir():
-            continue
-        for path in sorted(folder.iterdir()):
+        root = Path(root).expanduser()
+        folder = root / EMBEDDINGS_FOLDER
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
             # A name that cannot be one prompt word (spaces, commas, brackets, colons) is never matched.
             if path.is_file() and path.suffix.lower() in EMBEDDING_SUFFIXES + PICKLE_SUFFIXES and TOKEN.fullmatch(path.stem):
                 found.setdefault(path.stem.lower(), path)
+        flat = [path for path in sorted(root.glob("*.safetensors")) if TOKEN.fullmatch(path.stem)] if root.is_dir() else []
+        if text is not None:
+            flat = [path for path in flat if words_in(text, [path.stem])]
+        for path in flat:
+            if path.stem.lower() not in found and path.is_file() and classify_weights_file(path)[0] == "embedding":
+                found[path.stem.lower()] = path
     return found
 
 
@@ -144,8 +160,8 @@ def prepare_embeddings(request: BaseRequest, settings: Settings) -> BaseRequest:
             )
         resolved.append(ref.model_copy(update={"name_or_path": name_or_path, "token": token, "hash": embedding_hash(path, settings)}))
         seen.add(path)
-    available = folder_embeddings(settings)
     text = f"{request.prompt}\n{request.negative_prompt}"
+    available = folder_embeddings(settings, text)
     for written in words_in(text, available) if available else []:
         path = available[written.lower()].resolve()
         if path in seen or any(ref.token and ref.token.lower() == written.lower() for ref in resolved):

@@ -471,12 +471,12 @@ def _folder_entry(path: Path, folder_type: str | None) -> list[dict]:
 
 def _add_on_reference(type_: str, path: Path, folder_type: str | None) -> str:
     """What the flags take: a checkpoint's path; a LoRA, embedding or VAE by name where the resolvers look for
-    names (LoRAs: Lora/ and the flat layout, .safetensors only; embeddings: embeddings/; VAEs: VAE/), else its path."""
+    names (LoRAs, embeddings, VAEs: their sub-folder, and .safetensors files of the flat layout), else its path."""
     safetensors = path.suffix.lower() == ".safetensors"
     by_name = {
         "lora": folder_type in ("lora", None) and safetensors,
-        "embedding": folder_type == "embedding",
-        "vae": folder_type == "vae",
+        "embedding": folder_type == "embedding" or (folder_type is None and safetensors),
+        "vae": folder_type == "vae" or (folder_type is None and safetensors),
     }
     return _add_on_name(type_, path) if by_name.get(type_) else str(path)
 
@@ -517,6 +517,17 @@ def classify_weights_file(path: Path) -> tuple[str, str]:
     ):
         return "vae", "kl-f8"
     return "unknown", ""
+
+
+def flat_layout_file(root: Path, name: str, type_: str, suffixes: tuple[str, ...] = (".safetensors",)) -> Path | None:
+    """`<root>/<name><suffix>` when it is a .safetensors file beside the A1111 sub-folders whose keys say it is a
+    `type_` (the listing's classification: a LoRA is never taken for an embedding, nor a checkpoint for a VAE)."""
+    for suffix in suffixes:
+        candidate = Path(root).expanduser() / f"{name}{suffix}"
+        if candidate.suffix.lower() == ".safetensors" and candidate.is_file():
+            if classify_weights_file(candidate)[0] == type_:
+                return candidate
+    return None
 
 
 def _lora_architecture(keys: list[str], shapes: dict) -> str:

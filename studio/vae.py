@@ -26,6 +26,8 @@ VAE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".ckpt", ".bin")
 # What a name in VAE/ may be followed by (A1111 names its files x.vae.pt, x.vae.safetensors, x.safetensors).
 NAME_SUFFIXES = ("", ".safetensors", ".vae.safetensors", ".pt", ".vae.pt", ".ckpt", ".bin")
+# The same beside the sub-folders (the flat layout), where only a .safetensors VAE is told by its keys.
+FLAT_SUFFIXES = ("", ".safetensors", ".vae.safetensors")
 
 # Tasks that cannot take another VAE, with the reason.
 VAE_REFUSED_TASKS = {"imagic": "imagic trains on its own encoding of the image; a separate VAE is not supported there"}
@@ -47,7 +49,8 @@ def _check_vae_path(path: Path, settings: Settings, label: str) -> Path:
 
 def resolve_vae(name_or_path: str, settings: Settings) -> Path:
     """The VAE file or folder a reference points at: a path that must exist, or a name looked up in each models
-    folder's `VAE/` (as given, then with .safetensors, .vae.safetensors, .pt, .vae.pt, .ckpt, .bin)."""
+    folder's `VAE/` (as given, then with .safetensors, .vae.safetensors, .pt, .vae.pt, .ckpt, .bin), then beside
+    it (the flat layout: a .safetensors file whose keys are a VAE's)."""
     value = name_or_path.strip()
     if looks_like_path(value):
         refuse_paths_on_a_server(value, settings, "VAE", "VAEs")
@@ -55,6 +58,8 @@ def resolve_vae(name_or_path: str, settings: Settings) -> Path:
         if not path.exists():
             raise StudioInputError(f"VAE {quote(value)} not found: no such file or folder")
         return _check_vae_path(path, settings, value)
+    from .models import flat_layout_file
+
     looked = []
     for root in settings.models_dirs:
         folder = Path(root).expanduser() / VAE_FOLDER
@@ -63,9 +68,13 @@ def resolve_vae(name_or_path: str, settings: Settings) -> Path:
             looked.append(str(candidate))
             if candidate.is_file() or (candidate.is_dir() and weights_file(candidate) is not None):
                 return _check_vae_path(candidate, settings, value)
+        flat = flat_layout_file(root, value, "vae", FLAT_SUFFIXES)  # beside the sub-folders, told by its keys
+        if flat is not None:
+            return _check_vae_path(flat, settings, value)
     if looked:
         where = "; looked in " + ", ".join(dict.fromkeys(str(Path(p).parent) for p in looked))
         where += f" for {value}{{{','.join(suffix for suffix in NAME_SUFFIXES if suffix)}}} or a folder {value}/"
+        where += ", and for a VAE .safetensors of that name beside those folders"
     else:
         where = NO_MODELS_FOLDER
     raise StudioInputError(f"VAE {quote(value)} not found{where}")

@@ -133,10 +133,13 @@ def test_bad_embeddings_are_clear_errors(ti_studio, sd15_folder, models_dir):
 def test_sdxl_embedding_goes_into_both_encoders(sdxl_folder, models_dir):
     studio = Studio(Settings(model=str(sdxl_folder), models_dirs=(models_dir,)))
     path = str(models_dir / "xlstyle.safetensors")
-    plain = render(studio, "a red circle xlstyle")
+    plain = render(studio, "a red circle xlstyle", embeddings=[{"name_or_path": path, "token": "otherword"}])
     applied = render(studio, "a red circle xlstyle", embeddings=[{"name_or_path": path}])
-    after = render(studio, "a red circle xlstyle")
+    picked = render(studio, "a red circle xlstyle")  # the flat layout's file, by the word of its name
+    after = render(studio, "a red circle xlstyle", embeddings=[{"name_or_path": path, "token": "otherword"}])
+    assert [ref.name_or_path for ref in picked.request.embeddings] == ["xlstyle"]
     assert np.abs(pixels(applied.images[0]) - pixels(plain.images[0])).max() > 0
+    assert np.array_equal(pixels(picked.images[0]), pixels(applied.images[0]))
     assert np.array_equal(pixels(after.images[0]), pixels(plain.images[0]))
     pipe = studio.models.get(None).pipe
     assert len(pipe.tokenizer) == len(pipe.tokenizer_2) == pipe.text_encoder_2.get_input_embeddings().weight.shape[0]
@@ -193,3 +196,30 @@ def test_an_embedding_inside_a1111_weights(ti_studio):
     assert [ref.token for ref in weighted.request.embeddings] == ["shapestyle"]
     assert np.array_equal(pixels(weighted.images[0]), pixels(plain.images[0]))
     assert np.abs(pixels(stronger.images[0]) - pixels(plain.images[0])).max() > 0
+
+
+def test_flat_layout_embeddings_resolve_by_name_and_a_lora_is_never_one(ti_studio, models_dir, sd15_folder):
+    """A1111's flat layout: files beside the sub-folders, told by their keys as `studio models` lists them."""
+    from diffusers import UNet2DConditionModel
+    from test_loras import write_kohya_lora
+
+    from studio.models import list_local_models
+
+    save_file({"emb_params": vectors(2, seed=8)}, str(models_dir / "flatstyle.safetensors"))
+    write_kohya_lora(models_dir / "loralike.safetensors", UNet2DConditionModel.from_pretrained(sd15_folder / "unet"))
+    by_word = render(ti_studio, "a red circle flatstyle")
+    by_name = render(ti_studio, "a red circle flatstyle", embeddings=[{"name_or_path": "flatstyle"}])
+    by_path = render(ti_studio, "a red circle flatstyle", embeddings=[{"name_or_path": str(models_dir / "flatstyle.safetensors")}])
+    plain = render(Studio(Settings(model=str(sd15_folder))), "a red circle flatstyle")
+    assert [ref.name_or_path for ref in by_word.request.embeddings] == ["flatstyle"]
+    assert by_word.request.embeddings == by_name.request.embeddings
+    assert np.array_equal(pixels(by_word.images[0]), pixels(by_name.images[0]))
+    assert np.array_equal(pixels(by_word.images[0]), pixels(by_path.images[0]))
+    assert np.abs(pixels(by_word.images[0]) - pixels(plain.images[0])).max() > 0
+    listed = {entry["name"]: entry for entry in list_local_models(ti_studio.settings, add_ons=True)}
+    assert (listed["flatstyle"]["type"], listed["flatstyle"]["reference"]) == ("embedding", "flatstyle")
+    assert listed["loralike"]["type"] == "lora"
+    # The LoRA beside it is never taken for an embedding: not by the word, and by name it is not found.
+    assert render(ti_studio, "a red circle loralike").request.embeddings == []
+    with pytest.raises(StudioInputError, match=r"embedding 'loralike' not found; looked for .*loralike.safetensors \(if an embedding\)"):
+        render(ti_studio, embeddings=[{"name_or_path": "loralike"}])

@@ -236,7 +236,7 @@ def a1111_models_folder(root):
     })
     _write(root / "embeddings" / "easyneg.safetensors", {"emb_params": (2, 768)})
     _write(root / "embeddings" / "xl-emb.safetensors", {"clip_l": (1, 768), "clip_g": (1, 1280)})
-    _write(root / "sd2-emb.safetensors", {"emb_params": (1, 1024)})  # flat layout: by path only
+    _write(root / "sd2-emb.safetensors", {"emb_params": (1, 1024)})  # flat layout: by name, told by its keys
     _write(root / "VAE" / "vae-ft-mse.safetensors", {
         "encoder.down.0.block.0.conv1.weight": (8, 8, 3, 3), "decoder.up.0.block.0.conv1.weight": (8, 8, 3, 3),
     })
@@ -264,7 +264,7 @@ def test_models_lists_each_kind_of_an_a1111_folder(tmp_path, capsys):
         ("lora", "xl-style"): ("sdxl", "xl-style"),
         ("embedding", "easyneg"): ("sd1", "easyneg"),
         ("embedding", "xl-emb"): ("sdxl", "xl-emb"),
-        ("embedding", "sd2-emb"): ("sd2", str(root / "sd2-emb.safetensors")),
+        ("embedding", "sd2-emb"): ("sd2", "sd2-emb"),
         ("vae", "vae-ft-mse.safetensors"): ("kl-f8", "vae-ft-mse.safetensors"),
         ("vae", "vae-folder"): ("kl-f8", "vae-folder"),
         ("checkpoint", "old"): ("-", str(root / "old.ckpt")),

@@ -197,3 +197,23 @@ def test_the_a1111_api_lists_add_ons_and_takes_sd_vae_by_name(vae_studio, models
     assert np.abs(txt2img(override_settings={"sd_vae": "other"}) - base).max() > 0
     refused = api.post("/sdapi/v1/txt2img", json={"prompt": "x", "steps": 1, "override_settings": {"sd_vae": "/etc/passwd"}})
     assert refused.status_code == 422, refused.text
+
+
+def test_a_flat_layout_vae_resolves_by_name(vae_studio, models_dir, other_vae, sd15_folder):
+    """A1111's flat layout: a VAE beside the sub-folders, told by its keys as `studio models` lists it."""
+    from diffusers import UNet2DConditionModel
+    from test_loras import write_kohya_lora
+
+    from studio.models import list_local_models
+
+    write_ldm_vae(models_dir / "flatvae.safetensors", other_vae)
+    write_kohya_lora(models_dir / "flatlora.safetensors", UNet2DConditionModel.from_pretrained(sd15_folder / "unet"))
+    by_name = render(vae_studio, vae="flatvae")
+    assert by_name.request.vae.name_or_path == "flatvae.safetensors" and len(by_name.request.vae.hash) == 10
+    for vae in ("flatvae.safetensors", "other", str(models_dir / "flatvae.safetensors")):
+        assert np.array_equal(pixels(render(vae_studio, vae=vae).images[0]), pixels(by_name.images[0])), vae
+    listed = {entry["name"]: entry for entry in list_local_models(vae_studio.settings, add_ons=True)}
+    assert (listed["flatvae.safetensors"]["type"], listed["flatvae.safetensors"]["reference"]) == ("vae", "flatvae.safetensors")
+    # A LoRA beside it is not a VAE by name: not found, and the message says where a flat one is looked for.
+    with pytest.raises(StudioInputError, match=r"VAE 'flatlora' not found; .* and for a VAE .safetensors of that name beside"):
+        render(vae_studio, vae="flatlora")
