@@ -386,3 +386,92 @@ def test_history_survives_a_reload_newest_first(page, shots):
     assert name in (first.get_attribute("src") or ""), "the newest image should lead the reloaded history"
     assert page.locator("#history").get_by_text("generate · seed 31").count() >= 1
     page.screenshot(path=str(shots / "history_after_reload.png"), full_page=True)
+
+
+def _model_copy(source: Path, folder: Path, recommended: dict) -> Path:
+    import json
+    import shutil
+
+    shutil.copytree(source, folder)
+    (folder / "studio.json").write_text(json.dumps(recommended))
+    return folder
+
+
+def test_the_tabs_follow_a_new_models_recommendations(browser_context, sd15_folder, tmp_path, shots):
+    """Two models with their own studio.json: after Apply in the models tab, the task tabs show the second's
+    steps, CFG, sampler, size and Imagic settings, except a value the user set; a reloaded page shows them too."""
+    from studio import Settings
+    from studio.ui import build_app, launch
+
+    models = tmp_path / "models"
+    first = _model_copy(sd15_folder, models / "alpha", {"defaults": {"num_inference_steps": 11, "guidance_scale": 3.0},
+                                                         "tasks": {"imagic": {"eta": 1.1, "embedding_steps": 40}}})
+    second = _model_copy(sd15_folder, models / "beta", {
+        "defaults": {"num_inference_steps": 17, "guidance_scale": 4.5, "scheduler": "euler_a", "width": 96},
+        "tasks": {"imagic": {"eta": 1.4, "embedding_steps": 60, "finetune_steps": 30}},
+    })
+    settings = Settings(model=str(first), models_dirs=(models,), outputs_dir=tmp_path / "outputs", port=free_port())
+    demo = build_app(None, settings)  # nothing is loaded: swapping the model only names another
+    _, url, _ = launch(demo, settings, block=False, quiet=True)
+    browser_context.route(f"{url.rstrip('/')}/**", lambda route: route.continue_())  # this app is local too
+    page = browser_context.new_page()
+    try:
+        page.goto(url)
+        page.wait_for_selector("#text_to_image-run")
+
+        page.set_default_timeout(20_000)
+
+        def number(elem_id: str) -> str:
+            box = page.locator(f"#{elem_id} input[type=number]").first
+            if not box.is_visible():  # in a closed accordion: "Settings" or "Task options"
+                task, name = elem_id.split("-", 1)
+                common = name in ("num_inference_steps", "guidance_scale", "width", "height", "scheduler")
+                page.locator(f"#{task}-{'settings' if common else 'options'} .label-wrap").first.click()
+            return box.input_value()
+
+        def open_tab(name: str) -> None:
+            page.get_by_role("tab", name=name).click()
+
+        assert (number("text_to_image-num_inference_steps"), number("text_to_image-guidance_scale")) == ("11", "3")
+        open_tab("Sketch to image")
+        number("sketch_to_image-guidance_scale")  # opens its accordion
+        set_number(page, "sketch_to_image-guidance_scale", 8)  # the user's own value: kept through the swap
+        open_tab("Models and settings")
+        model = page.locator("input[aria-label='model']")
+        model.fill(str(second))
+        model.press("Enter")
+        page.get_by_role("button", name="Apply").click()
+        page.locator("#models-status").get_by_text(str(second)).first.wait_for()
+        open_tab("Text to image")
+        page.wait_for_function(
+            "document.querySelector('#text_to_image-num_inference_steps input[type=number]').value === '17'"
+        )
+
+        def check_second_models_values():
+            open_tab("Text to image")
+            assert number("text_to_image-guidance_scale") == "4.5"
+            assert number("text_to_image-width") == "96"
+            assert page.locator("#text_to_image-scheduler input").first.input_value() == "euler_a"
+            open_tab("Imagic")
+            assert (number("imagic-eta"), number("imagic-embedding_steps"), number("imagic-finetune_steps")) == (
+                "1.4", "60", "30")
+            assert number("imagic-num_inference_steps") == "17"
+
+        check_second_models_values()
+        open_tab("Sketch to image")
+        assert number("sketch_to_image-guidance_scale") == "8"
+        assert number("sketch_to_image-num_inference_steps") == "17"
+        page.screenshot(path=str(shots / "recommendations_after_swap.png"), full_page=True)
+
+        page.reload()  # a page loaded after the swap starts at the new model's values
+        page.wait_for_selector("#text_to_image-run")
+        page.wait_for_function(
+            "document.querySelector('#text_to_image-num_inference_steps input[type=number]').value === '17'"
+        )
+        check_second_models_values()
+        open_tab("Sketch to image")
+        assert number("sketch_to_image-guidance_scale") == "4.5"
+    finally:
+        page.close()
+        browser_context.unroute(f"{url.rstrip('/')}/**")
+        demo.close()

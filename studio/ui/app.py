@@ -90,8 +90,9 @@ def build_app(studio, settings: Settings, *, queue_size: int = server.DEFAULT_QU
             with gr.Tab("PNG info", id="png_info"):
                 build_png_info_tab(ui, tabs, task_tabs)
             with gr.Tab("Models and settings", id="models") as models_tab:
-                build_models_tab(ui, demo, models_tab)
+                model_applied = build_models_tab(ui, demo, models_tab)
         wire_send_to(ui, tabs, task_tabs)
+        follow_the_model(ui, demo, task_tabs, model_applied)
         with gr.Accordion("History: the newest images of the outputs folder", open=True):
             history_gallery.render()
         # A reloaded page (or a new tab) starts from the outputs folder, newest first.
@@ -130,6 +131,32 @@ def build_app(studio, settings: Settings, *, queue_size: int = server.DEFAULT_QU
     demo.studio_queue_size = queue_size  # the HTTP API's bounded wait (launch(api=True))
     demo.queue(max_size=queue_size, default_concurrency_limit=1)
     return demo
+
+
+def follow_the_model(ui: StudioUI, demo: gr.Blocks, task_tabs: dict[str, TaskTab], model_applied) -> None:
+    """The task tabs show the current model's recommended settings: after a swap in the models tab, and on a
+    page (re)loaded after one (the page's widgets start at the model the app was built with). A value the user
+    set is kept."""
+    from studio.recommended import recommendations_for_reference
+
+    shown_model = gr.State(ui.settings.model)  # the model whose recommendations this page's widgets show
+    widgets = [tab.inputs[name] for tab in task_tabs.values() for name in tab.recommendable()]
+
+    def follow(shown, *values):
+        current = ui.settings.model
+        if current == shown:
+            return [gr.skip()] * (1 + len(widgets))
+        old, new = recommendations_for_reference(shown), recommendations_for_reference(current)
+        updates, start = [current], 0
+        for tab in task_tabs.values():
+            count = len(tab.recommendable())
+            updates += tab.follow_model(old.for_task(tab.task), new.for_task(tab.task), values[start : start + count])
+            start += count
+        return updates
+
+    options = dict(inputs=[shown_model, *widgets], outputs=[shown_model, *widgets], queue=False)
+    demo.load(follow, **options, api_visibility="private")
+    model_applied.success(follow, **options, api_visibility="private")
 
 
 def launch(

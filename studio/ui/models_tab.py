@@ -58,7 +58,7 @@ def models_folder_rows(settings) -> list[list[str]]:
     ]
 
 
-def build_models_tab(ui: StudioUI, demo: gr.Blocks, tab: gr.Tab) -> None:
+def build_models_tab(ui: StudioUI, demo: gr.Blocks, tab: gr.Tab):
     def choices():
         from studio.models import list_local_models
 
@@ -186,7 +186,7 @@ def build_models_tab(ui: StudioUI, demo: gr.Blocks, tab: gr.Tab) -> None:
 
     private = {"api_visibility": "private"}
     device_queue = {"concurrency_id": "device", "concurrency_limit": 1}
-    apply.click(
+    applied = apply.click(
         apply_settings,
         [model, device, dtype, attention, offload, slicing, tiling, *add_on_boxes],
         status,
@@ -198,3 +198,4 @@ def build_models_tab(ui: StudioUI, demo: gr.Blocks, tab: gr.Tab) -> None:
     refresh.click(refresh_list, None, listed, **private, queue=False)
     demo.load(refresh_list, None, listed, **private, queue=False)
     tab.select(refresh_list, None, listed, **private, queue=False)
+    return applied  # the task tabs follow the new model's recommendations after it (app.py)

@@ -38,6 +38,7 @@ DEFAULT_SCHEDULER = "model default"
 # Brush colours: the toy world's palette (the embedded model knows these) plus black, white and grey.
 SKETCH_COLORS = ["#000000", "#ffffff", "#808080", "#dc1e1e", "#fa8700", "#f0dc00", "#1ea53c", "#285ae1", "#912dc8"]
 MASK_COLOR = ("#ff00ff", 0.6)
+UNRECOMMENDED = ("prompt", "negative_prompt", "seed")  # what the user always types; a model never sets them
 
 
 class TaskTab:
@@ -64,19 +65,46 @@ class TaskTab:
             if name not in BaseRequest.model_fields and name not in self.spec.image_fields and name != "task"
         ]
 
+    def field_value(self, name: str, value):
+        """One widget's value as its request field."""
+        if name == "scheduler" and value in (None, "", DEFAULT_SCHEDULER):
+            value = None
+        if name == "seed":
+            value = None if value is None or value == -1 else int(value)
+        if name in ("width", "height") and value == 0:
+            value = None  # the model's own size
+        return request_value(self.request_type, name, value)
+
+    def widget_value(self, name: str, value):
+        """A request field's value as its widget shows it (the inverse of `field_value`)."""
+        if name == "scheduler" and value is None:
+            return DEFAULT_SCHEDULER
+        return value
+
+    def recommendable(self) -> list[str]:
+        """The widgets a model's recommendations set: every setting but the texts, the seed and the images."""
+        return [name for name in self.inputs if name not in self.image_inputs and name not in UNRECOMMENDED]
+
+    def shown(self, recommended: dict) -> dict:
+        """field -> the widget value a model with these recommendations starts at (else the schema's default)."""
+        fields = self.request_type.model_fields
+        return {
+            name: self.widget_value(name, recommended.get(name, fields[name].default)) for name in self.recommendable()
+        }
+
+    def follow_model(self, old: dict, new: dict, values: list) -> list:
+        """Widget updates after the model changed from one with recommendations `old` to one with `new`:
+        a widget still at the old model's value takes the new one's; a value the user set stays (gr.skip())."""
+        before, after = self.shown(old), self.shown(new)
+        updates = []
+        for name, value in zip(self.recommendable(), values):
+            unchanged = self.field_value(name, value) == self.field_value(name, before[name])
+            updates.append(after[name] if unchanged and after[name] != before[name] else gr.skip())
+        return updates
+
     def fields(self, values: dict, ui: StudioUI) -> dict:
         """Request fields from widget values (input images checked and stored as PNGs first)."""
-        fields = {}
-        for name, value in values.items():
-            if name in self.image_inputs:
-                continue
-            if name == "scheduler" and value in (None, "", DEFAULT_SCHEDULER):
-                value = None
-            if name == "seed":
-                value = None if value is None or value == -1 else int(value)
-            if name in ("width", "height") and value == 0:
-                value = None  # the model's own size
-            fields[name] = request_value(self.request_type, name, value)
+        fields = {name: self.field_value(name, value) for name, value in values.items() if name not in self.image_inputs}
         for name, kind in self.image_inputs.items():
             value = values.get(name)
             if kind == "editor":
@@ -292,10 +320,15 @@ def _common_controls(tab: TaskTab) -> None:
             tab.reuse_seed = gr.Button("reuse last", size="sm")
     with gr.Row():
         tab.inputs["width"] = FieldNumber(
-            label="width", value=None, precision=0, info="0: the model's size", elem_id=f"{tab.task}-width"
+            label="width",
+            value=tab.defaults.get("width"),
+            precision=0,
+            info="0: the model's size",
+            elem_id=f"{tab.task}-width",
         )
         tab.inputs["height"] = FieldNumber(
-            label="height", value=None, precision=0, info="a multiple of 8", elem_id=f"{tab.task}-height"
+            label="height", value=tab.defaults.get("height"), precision=0, info="a multiple of 8",
+            elem_id=f"{tab.task}-height",
         )
     with gr.Row():
         low, high = field_bounds(fields["num_inference_steps"])
@@ -319,7 +352,7 @@ def _common_controls(tab: TaskTab) -> None:
     with gr.Row():
         tab.inputs["scheduler"] = gr.Dropdown(
             [DEFAULT_SCHEDULER, *SCHEDULER_NAMES],
-            value=DEFAULT_SCHEDULER,
+            value=tab.widget_value("scheduler", tab.defaults.get("scheduler")),
             label="scheduler",
             elem_id=f"{tab.task}-scheduler",
         )
