@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from studio.requests import BaseRequest
 from studio.tasks import Task
@@ -16,10 +16,24 @@ if TYPE_CHECKING:
     from .common import TaskContext
 
 
+BUILTIN_UPSCALERS = ("lanczos", "nearest", "latent")  # studio.upscalers' too (kept light: no import here)
+
+
+class UpscalerRef(BaseModel):
+    """The hires fix's upscaler: lanczos, nearest, latent, or an upscaler model's name in the models folders
+    (ESRGAN/, RealESRGAN/: RRDBNet files such as 4x-UltraSharp), with that file's hash."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(..., min_length=1, max_length=255, description="lanczos, nearest, latent, or a model's name.")
+    hash: str | None = Field(
+        None, max_length=64, description="Filled by the studio: an upscaler model file's short SHA-256."
+    )
+
+
 class TextToImageRequest(BaseRequest):
     task: Literal["text_to_image"] = "text_to_image"
-    # The hires fix, with A1111's names (its API's `enable_hr` is hr_scale set). A model upscaler (ESRGAN and
-    # the like) is not offered: only Pillow's resamplers and latent interpolation.
+    # The hires fix, with A1111's names (its API's `enable_hr` is hr_scale set).
     hr_scale: float | None = Field(
         None,
         ge=1,
@@ -36,10 +50,20 @@ class TextToImageRequest(BaseRequest):
         le=1.0,
         description="Hires fix: how much the refining pass changes the upscaled image (0: the upscale as it is).",
     )
-    hr_upscaler: Literal["lanczos", "nearest", "latent"] = Field(
-        "lanczos",
-        description="Hires fix: how the base image is upscaled: its pixels (Lanczos, nearest) or its latents.",
+    hr_upscaler: UpscalerRef = Field(
+        UpscalerRef(name="lanczos"),
+        description="Hires fix: how the base image is upscaled: its pixels (lanczos, nearest), its latents (latent), "
+        "or an upscaler model's name from the models folders' ESRGAN/ or RealESRGAN/ (its output then resized "
+        "to the target with Lanczos).",
     )
+
+    @field_validator("hr_upscaler", mode="before")
+    @classmethod
+    def _upscaler_by_name(cls, value):
+        # `--hr-upscaler NAME`, `"hr_upscaler": "latent"`: a name is the usual way to give one.
+        if isinstance(value, str):
+            return {"name": value.lower() if value.lower() in BUILTIN_UPSCALERS else value}
+        return value
 
 
 def hires_size(size: tuple[int, int], hr_scale: float) -> tuple[int, int]:
@@ -59,6 +83,12 @@ def check_inputs(request: TextToImageRequest, context: TaskContext) -> None:
     if request.hr_scale is None and unused:
         context.warnings.append(f"{', '.join(unused)} ignored: the hires fix is off (set hr_scale)")
     check_task(request, "text_to_image")
+    if request.hr_scale is not None and request.hr_upscaler.name not in BUILTIN_UPSCALERS:
+        from studio.upscalers import resolve_upscaler, upscaler_hash
+
+        # Found (or a clear error) before any model loads; its hash filled in here, for the metadata.
+        path = resolve_upscaler(request.hr_upscaler.name, context.settings)
+        request.hr_upscaler = UpscalerRef(name=path.stem, hash=upscaler_hash(path, context.settings))
 
 
 def run(request: TextToImageRequest, context: TaskContext, seeds: list[int], plan=None) -> list:
@@ -107,8 +137,9 @@ def run(request: TextToImageRequest, context: TaskContext, seeds: list[int], pla
 
 
 def hires_fix(request: TextToImageRequest, context: TaskContext, loaded, base, latents, seeds: list[int], size):
-    """A1111's hires fix on the base pass's latents: upscale them (bilinear) or their decoded images (Pillow),
-    then image-to-image at the target size with hr_denoising_strength, the same seeds and prompts."""
+    """A1111's hires fix on the base pass's latents: upscale them (bilinear) or their decoded images (Pillow, or
+    an upscaler model then Lanczos to the exact size), then image-to-image at the target size with
+    hr_denoising_strength, the same seeds and prompts."""
     import torch
     from PIL import Image
 
@@ -131,8 +162,9 @@ def hires_fix(request: TextToImageRequest, context: TaskContext, loaded, base, l
             "the upscaled image is kept as it is"
         )
 
-    # 1. upscale: the latents themselves, or the decoded images
-    if request.hr_upscaler == "latent":
+    # 1. upscale: the latents themselves, or the decoded images (Pillow, or a model then Lanczos to the size)
+    upscaler = request.hr_upscaler.name
+    if upscaler == "latent":
         factor = base.vae_scale_factor
         upscaled = torch.nn.functional.interpolate(
             latents.float(), size=(target_h // factor, target_w // factor), mode="bilinear", align_corners=False
@@ -140,9 +172,14 @@ def hires_fix(request: TextToImageRequest, context: TaskContext, loaded, base, l
         if refine_steps < 1:
             return to_pil(decode_latents(base, upscaled, context.progress))
     else:
-        resample = Image.LANCZOS if request.hr_upscaler == "lanczos" else Image.NEAREST
         decoded = to_pil(decode_latents(base, latents, context.progress))
-        images = [image.resize((target_w, target_h), resample) for image in decoded]
+        if upscaler in ("lanczos", "nearest"):
+            resample = Image.LANCZOS if upscaler == "lanczos" else Image.NEAREST
+            images = [image.resize((target_w, target_h), resample) for image in decoded]
+        else:
+            from studio.upscalers import upscale_images
+
+            images = upscale_images(decoded, (target_w, target_h), upscaler, context.models, loaded.device, context.progress)
         if refine_steps < 1:
             return images
         context.progress.raise_if_cancelled()

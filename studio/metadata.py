@@ -103,7 +103,8 @@ def a1111_parameters(record: ImageRecord, width: int, height: int) -> str:
             ("Denoising strength", _format_number(request.hr_denoising_strength)),
             ("Hires upscale", _format_number(hr_scale)),
             ("Hires steps", str(request.hr_steps) if request.hr_steps else ""),
-            ("Hires upscaler", HIRES_UPSCALERS.get(request.hr_upscaler, request.hr_upscaler)),
+            ("Hires upscaler", HIRES_UPSCALERS.get(request.hr_upscaler.name, request.hr_upscaler.name)),
+            ("Hires upscaler hash", request.hr_upscaler.hash or ""),  # an upscaler model's, as the add-ons'
         ]
     if request.task != "text_to_image":
         fields.append(("Task", request.task))
@@ -281,7 +282,7 @@ def parse_a1111_parameters(text: str) -> ImageRecord:
         if not size:
             raise StudioInputError(f"parameters: Size must be WIDTHxHEIGHT, got {quote(settings['Size'])}")
         data["width"], data["height"] = int(size[1]), int(size[2])
-    if "Hires upscale" in settings:  # A1111's hires fix (an upscaler the studio lacks reads as Lanczos)
+    if "Hires upscale" in settings:  # A1111's hires fix (an upscaler model without a hash line reads as Lanczos)
         data["hr_scale"] = _number(settings, "Hires upscale", float)
         if "Hires steps" in settings:
             data["hr_steps"] = _number(settings, "Hires steps", int)
@@ -292,6 +293,8 @@ def parse_a1111_parameters(text: str) -> ImageRecord:
             data["hr_upscaler"] = upscaler
         elif settings.get("Hires upscaler", "").lower().startswith("latent"):
             data["hr_upscaler"] = "latent"  # A1111's "Latent (bicubic)", "Latent (nearest)", ...
+        elif settings.get("Hires upscaler hash"):  # the studio's own line: an upscaler model, found by name
+            data["hr_upscaler"] = settings["Hires upscaler"]
     sampler = settings.get("Sampler", "")
     from .schedulers import SCHEDULERS
 

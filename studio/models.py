@@ -31,6 +31,7 @@ from .requests import StudioInputError, quote
 from .settings import EMBEDDED_MODEL_DIR, Settings
 from .loras import LoraFiles
 from .embeddings import EmbeddingFiles
+from .upscalers import UpscalerFiles
 from .vae import VaeCache
 from .single_file import torch_load_reason
 
@@ -316,6 +317,7 @@ class ModelManager:
         self.lora_files = LoraFiles()  # LoRA tensors read once per file version (studio.loras)
         self.embedding_files = EmbeddingFiles()  # embedding vectors read once per file version (studio.embeddings)
         self.vaes = VaeCache()  # models with a request's separate VAE (studio.vae)
+        self.upscaler_files = UpscalerFiles()  # hires fix upscaler models read once per file version (studio.upscalers)
         self._loaded: OrderedDict[ModelRef, LoadedModel] = OrderedDict()
 
     def get(self, reference: str | None) -> LoadedModel:
@@ -393,8 +395,11 @@ def find_model_by_hash(short_hash: str, settings: Settings) -> str | None:
 
 
 # The A1111 models folder: what each sub-folder holds. Files beside them (the flat layout) are told by their keys.
-A1111_FOLDERS = {"Stable-diffusion": "checkpoint", "Lora": "lora", "embeddings": "embedding", "VAE": "vae"}
-ADD_ON_TYPES = ("lora", "embedding", "vae")
+A1111_FOLDERS = {
+    "Stable-diffusion": "checkpoint", "Lora": "lora", "embeddings": "embedding", "VAE": "vae",
+    "ESRGAN": "upscaler", "RealESRGAN": "upscaler",
+}  # fmt: skip
+ADD_ON_TYPES = ("lora", "embedding", "vae", "upscaler")
 # Cross-attention / token width -> the family a file was made for.
 WIDTH_ARCHITECTURES = {768: "sd1", 1024: "sd2", 2048: "sdxl", 1280: "sdxl"}
 SINGLE_FILE_ARCHITECTURES = {"sd15": "sd1", "sd21": "sd2", "sd2_base": "sd2", "sdxl": "sdxl", "sdxl_refiner": "sdxl-refiner"}
@@ -403,12 +408,13 @@ SINGLE_FILE_ARCHITECTURES = {"sd15": "sd1", "sd21": "sd2", "sd2_base": "sd2", "s
 def list_local_models(settings: Settings, add_ons: bool = False, hashes: bool | str = False) -> list[dict]:
     """What `studio models` shows: the embedded model, the checkpoints in the models folders (their
     `Stable-diffusion/` and the flat layout: diffusers folders, and files told by their keys), cached hub models;
-    with `add_ons`, the LoRAs (`Lora/`), embeddings (`embeddings/`) and VAEs (`VAE/`) too.
+    with `add_ons`, the LoRAs (`Lora/`), embeddings (`embeddings/`), VAEs (`VAE/`) and the hires fix's upscaler
+    models (`ESRGAN/`, `RealESRGAN/`) too.
 
-    Each entry: reference (what --model, --lora, --embedding or --vae takes), kind (how it loads), location,
-    type (checkpoint, lora, embedding, vae), name, architecture (sd1, sd2, sdxl, from tensor shapes read without
-    loading), size in bytes and short hash: computed with `hashes=True` (cached by path, size and mtime),
-    only when already cached with "cached", none with False.
+    Each entry: reference (what --model, --lora, --embedding, --vae or --hr-upscaler takes), kind (how it loads),
+    location, type (checkpoint, lora, embedding, vae, upscaler), name, architecture (sd1, sd2, sdxl, esrgan-x4,
+    from tensor shapes read without loading), size in bytes and short hash: computed with `hashes=True` (cached
+    by path, size and mtime), only when already cached with "cached", none with False.
     """
     found = []
     if (EMBEDDED_MODEL_DIR / "model_index.json").is_file():
@@ -477,6 +483,7 @@ def _add_on_reference(type_: str, path: Path, folder_type: str | None) -> str:
         "lora": folder_type in ("lora", None) and safetensors,
         "embedding": folder_type == "embedding" or (folder_type is None and safetensors),
         "vae": folder_type == "vae" or (folder_type is None and safetensors),
+        "upscaler": folder_type == "upscaler" or (folder_type is None and safetensors),
     }
     return _add_on_name(type_, path) if by_name.get(type_) else str(path)
 
@@ -487,7 +494,8 @@ def _add_on_name(type_: str, path: Path) -> str:
 
 def classify_weights_file(path: Path) -> tuple[str, str]:
     """(type, architecture) of a .safetensors file from its key names and shapes (the header only):
-    checkpoint, lora, embedding, vae or unknown; sd1, sd2, sdxl, or "" when the shapes do not say."""
+    checkpoint, lora, embedding, vae, upscaler or unknown; sd1, sd2, sdxl (esrgan-x4, ... for upscalers), or ""
+    when the shapes do not say."""
     from .single_file import SingleFileError, UnknownArchitectureError, detect_architecture, read_safetensors_header
 
     try:
@@ -503,6 +511,12 @@ def classify_weights_file(path: Path) -> tuple[str, str]:
         if architecture and shapes.get("model.diffusion_model.input_blocks.0.0.weight", (0, 4))[1] == 9:
             architecture += "-inpainting"
         return "checkpoint", architecture
+    if "conv_first.weight" in shapes or "model.0.weight" in shapes:  # ESRGAN / Real-ESRGAN (studio.upscalers)
+        from .upscalers import layout_of_shapes
+
+        layout = layout_of_shapes(shapes)
+        if layout is not None:
+            return "upscaler", layout.description
     if any("lora" in key.lower() for key in keys):
         return "lora", _lora_architecture(keys, shapes)
     if "emb_params" in shapes or "string_to_param" in shapes or ("clip_l" in shapes and "clip_g" in shapes) or (

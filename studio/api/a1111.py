@@ -326,19 +326,25 @@ def common_fields(ui, body: Txt2ImgBody, warnings: list[str]) -> tuple[dict, int
     return fields, first_seed
 
 
-def hires_fields(body: Txt2ImgBody, warnings: list[str]) -> dict:
+def hires_fields(body: Txt2ImgBody, warnings: list[str], settings=None) -> dict:
     """The studio's hires fix fields from A1111's `enable_hr`, `hr_scale`, `hr_second_pass_steps`,
-    `denoising_strength` (0.7 when unset, as A1111's UI) and `hr_upscaler` (A1111's default: latent)."""
+    `denoising_strength` (0.7 when unset, as A1111's UI) and `hr_upscaler` (A1111's default: latent; an upscaler
+    model of the models folders by its name, or A1111's "R-ESRGAN 4x+" for RealESRGAN_x4plus)."""
     if not body.enable_hr:
         return {}
+    from studio.upscalers import A1111_NAMES, folder_upscalers
+
     upscaler = (body.hr_upscaler or "Latent").strip()
+    models = folder_upscalers(settings) if settings is not None else {}
     if upscaler.lower().startswith("latent"):
         name = "latent"
     elif upscaler.lower() in ("lanczos", "nearest"):
         name = upscaler.lower()
+    elif A1111_NAMES.get(upscaler.lower(), upscaler) in models:
+        name = A1111_NAMES.get(upscaler.lower(), upscaler)
     else:
         name = "lanczos"
-        warnings.append(f"hr_upscaler {upscaler!r} is not available (no model upscalers): Lanczos was used")
+        warnings.append(f"hr_upscaler {upscaler!r} is not in the models folders (ESRGAN/, RealESRGAN/): Lanczos was used")
     return {
         "hr_scale": body.hr_scale,
         "hr_steps": body.hr_second_pass_steps,
@@ -522,7 +528,7 @@ def build_a1111_app(ui, gate, dependencies=()) -> FastAPI:
         def work():
             warnings = _warnings_for(body)
             fields, first_seed = common_fields(ui, body, warnings)
-            fields.update(hires_fields(body, warnings))  # txt2img's denoising_strength is the hires fix's
+            fields.update(hires_fields(body, warnings, ui.settings))  # txt2img's denoising_strength is the hires fix's
             requests = iterations(ui, "text_to_image", fields, first_seed, body.n_iter)
             return render(gate, "text_to_image", requests, body, warnings)
 
@@ -661,16 +667,23 @@ def build_a1111_app(ui, gate, dependencies=()) -> FastAPI:
             {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False},
         ]
 
-    @app.get("/upscalers")
+    @app.get("/upscalers", summary="the hires fix's upscalers: Lanczos, Nearest and the models folders' ESRGAN models")
     async def upscalers():
-        return []
+        entries = await run_in_threadpool(add_ons, "upscaler")
+        found = [{"name": name, "model_name": None, "model_path": None, "model_url": None, "scale": 4}
+                 for name in ("Lanczos", "Nearest")]
+        for entry in entries:  # by the name hr_upscaler takes; the scale from the file's shapes (pickles: 4)
+            scale = entry["architecture"].removeprefix("esrgan-x")
+            found.append({"name": entry["reference"], "model_name": "ESRGAN", "model_path": None, "model_url": None,
+                          "scale": int(scale) if scale.isdigit() else 4})
+        return found
 
     @app.get("/latent-upscale-modes")
     async def latent_upscale_modes():
         return []
 
     def add_ons(kind: str) -> list[dict]:
-        """The models folders' LoRAs, embeddings or VAEs, by the names requests take."""
+        """The models folders' LoRAs, embeddings, VAEs or upscalers, by the names requests take."""
         from studio.models import list_local_models
 
         return [entry for entry in list_local_models(ui.settings, add_ons=True) if entry["type"] == kind]

@@ -31,24 +31,52 @@ def vae_choices(settings) -> list[tuple[str, str]]:
     return [(AUTOMATIC_VAE, ""), *((name, name) for name in dict.fromkeys(names))]
 
 
-def vae_dropdown(ui: StudioUI, task: str) -> gr.Dropdown:
-    """A task tab's VAE picker (A1111's "SD VAE"); its list is read again each time it is opened."""
-    dropdown = gr.Dropdown(
-        vae_choices(ui.settings),
-        value="",
-        label="VAE",
-        info="Automatic: the model's own; or one from the models folders' VAE/ (--models-dir)",
-        elem_id=f"{task}-vae",
-    )
-    dropdown.focus(
-        lambda: gr.Dropdown(choices=vae_choices(ui.settings)), None, dropdown, queue=False, api_visibility="private"
-    )
+def upscaler_choices(settings) -> list[str]:
+    """The hires fix's upscalers: lanczos, nearest, latent, and the upscaler models in the models folders."""
+    from studio.upscalers import BUILTIN_UPSCALERS, folder_upscalers
+
+    return [*BUILTIN_UPSCALERS, *folder_upscalers(settings)]
+
+
+def listed_on_open(ui: StudioUI, dropdown: gr.Dropdown, choices) -> gr.Dropdown:
+    """`dropdown` lists `choices(settings)` each time it is opened. It starts with its built-in choices only: the
+    page is served before torch loads (which telling files apart needs), and the folders may change meanwhile.
+    A typed or API value that is not listed is the request's to check (names in the models folders only)."""
+    dropdown.focus(lambda: gr.Dropdown(choices=choices(ui.settings)), None, dropdown, queue=False, api_visibility="private")
     return dropdown
 
 
+def vae_dropdown(ui: StudioUI, task: str) -> gr.Dropdown:
+    """A task tab's VAE picker (A1111's "SD VAE"): Automatic (the model's own) or a VAE of the models folders."""
+    dropdown = gr.Dropdown(
+        [(AUTOMATIC_VAE, "")],
+        value="",
+        label="VAE",
+        info="Automatic: the model's own; or one from the models folders' VAE/ (--models-dir)",
+        allow_custom_value=True,
+        elem_id=f"{task}-vae",
+    )
+    return listed_on_open(ui, dropdown, vae_choices)
+
+
+def upscaler_dropdown(ui: StudioUI, task: str, field) -> gr.Dropdown:
+    """The hires fix's upscaler picker: lanczos, nearest, latent, or an upscaler model (ESRGAN/, RealESRGAN/)."""
+    from studio.upscalers import BUILTIN_UPSCALERS
+
+    dropdown = gr.Dropdown(
+        list(BUILTIN_UPSCALERS),
+        value=field.default.name,
+        label="hr upscaler",
+        info=field.description,
+        allow_custom_value=True,
+        elem_id=f"{task}-hr_upscaler",
+    )
+    return listed_on_open(ui, dropdown, upscaler_choices)
+
+
 def models_folder_rows(settings) -> list[list[str]]:
-    """One row per checkpoint, LoRA, embedding and VAE the models folders hold; hashes only where already known
-    (a listing never reads gigabytes: `studio models` or a first use hashes a file)."""
+    """One row per checkpoint, LoRA, embedding, VAE and upscaler the models folders hold; hashes only where
+    already known (a listing never reads gigabytes: `studio models` or a first use hashes a file)."""
     from studio.models import list_local_models, size_text
 
     return [
@@ -119,7 +147,7 @@ def build_models_tab(ui: StudioUI, demo: gr.Blocks, tab: gr.Tab):
         interactive=False,
         wrap=True,
         label="In the models folders (--models-dir): checkpoints, LoRAs (<lora:NAME:WEIGHT> in a prompt), "
-        "embeddings (their NAME in a prompt) and VAEs",
+        "embeddings (their NAME in a prompt), VAEs and the hires fix's upscalers",
         elem_id="models-contents",
     )
 

@@ -18,7 +18,7 @@ from studio.requests import (
 )
 from studio.vae import VAE_REFUSED_TASKS
 
-from .models_tab import vae_dropdown
+from .models_tab import upscaler_dropdown, vae_dropdown
 from .runner import StudioUI, add_history, friendly, session_key
 from .widgets import (
     FieldNumber,
@@ -164,7 +164,10 @@ def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
                 title = "Hires fix" if all(name.startswith("hr_") for name in others) else "Task options"
                 with gr.Accordion(title, open=False, elem_id=f"{task}-options"):
                     for name in others:
-                        tab.inputs[name] = _task_field(tab, name)
+                        if name == "hr_upscaler":  # the built-in upscalers and the models folders' ones
+                            tab.inputs[name] = upscaler_dropdown(ui, task, tab.request_type.model_fields[name])
+                        else:
+                            tab.inputs[name] = _task_field(tab, name)
         with gr.Column(scale=4):
             gallery = gr.Gallery(
                 label="result",
@@ -539,6 +542,8 @@ def wire_send_to(ui: StudioUI, tabs: gr.Tabs, task_tabs: dict[str, TaskTab]) -> 
                     fields["batch_size"] = 1
                     if "vae" in widgets:  # the picker shows a VAE by name ("": the model's own)
                         fields["vae"] = (fields.get("vae") or {}).get("name_or_path", "")
+                    if isinstance(fields.get("hr_upscaler"), dict):  # shown by its name
+                        fields["hr_upscaler"] = fields["hr_upscaler"]["name"]
                     if fields.get("scheduler") is None:
                         fields["scheduler"] = DEFAULT_SCHEDULER
                     updates = {tabs: gr.Tabs(selected=name)}
