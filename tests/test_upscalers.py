@@ -12,7 +12,7 @@ from helpers import pixels
 from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
-from torch.nn import functional as F  # noqa: N812
+from torch.nn import functional as F
 
 from studio import Settings, Studio
 from studio.requests import StudioInputError
@@ -257,3 +257,16 @@ def test_listed_in_studio_models_the_ui_and_the_a1111_api(hires_studio, models_d
     assert answer.status_code == 200, answer.text
     info = json.loads(answer.json()["info"])
     assert "Hires upscaler: tiny-x4" in info["infotexts"][0] and not info.get("warnings")
+
+
+def test_the_cli_takes_an_upscaler_by_name(sd15_folder, models_dir, tmp_path):
+    from studio.cli import main
+
+    common = ["--model", str(sd15_folder), "--models-dir", str(models_dir), "--steps", "2", "--seed", "3", "--quiet"]
+    common += ["-W", "64", "-H", "64", "--hr-scale", "1.5", "--hr-denoising-strength", "0"]
+    assert main(["generate", "a red circle", "--hr-upscaler", "tiny-x4", "-o", str(tmp_path / "model.png"), *common]) == 0
+    assert main(["generate", "a red circle", "-o", str(tmp_path / "lanczos.png"), *common]) == 0
+    model, lanczos = Image.open(tmp_path / "model.png"), Image.open(tmp_path / "lanczos.png")
+    assert model.size == lanczos.size == (96, 96) and model.tobytes() != lanczos.tobytes()
+    assert "Hires upscaler: tiny-x4, Hires upscaler hash: " in model.text["parameters"]
+    assert main(["generate", "a red circle", "--hr-upscaler", "nope", "-o", str(tmp_path / "nope.png"), *common]) != 0
