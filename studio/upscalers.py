@@ -249,9 +249,12 @@ def rrdbnet(x, weights: dict, layout: Layout):
     return conv(F.leaky_relu(conv(features, "conv_hr"), 0.2), "conv_last")
 
 
-def upscale_tensor(x, weights: dict, layout: Layout, tile: int | None = TILE, overlap: int = TILE_OVERLAP):
+def upscale_tensor(
+    x, weights: dict, layout: Layout, tile: int | None = TILE, overlap: int = TILE_OVERLAP, before_tile=None
+):
     """`x` (1, 3, H, W) upscaled by the layout's scale, in tiles of `tile` input pixels that overlap by
-    `overlap` (A1111's way: bounded memory, seams only where the overlap is smaller than the network sees)."""
+    `overlap` (A1111's way: bounded memory, seams only where the overlap is smaller than the network sees);
+    `before_tile()` is called before each tile (a cancel takes effect there)."""
     import torch.nn.functional as F
 
     def run(piece):
@@ -269,6 +272,8 @@ def upscale_tensor(x, weights: dict, layout: Layout, tile: int | None = TILE, ov
     out = x.new_zeros(x.shape[0], 3, height * scale, width * scale)
     for top in range(0, height, tile):
         for left in range(0, width, tile):
+            if before_tile is not None:
+                before_tile()
             bottom, right = min(top + tile, height), min(left + tile, width)
             y0, x0 = max(top - overlap, 0), max(left - overlap, 0)
             piece = run(x[..., y0 : min(bottom + overlap, height), x0 : min(right + overlap, width)])
@@ -289,14 +294,15 @@ def upscale_images(images: list, size: tuple[int, int], name: str, models, devic
     path = resolve_upscaler(name, settings)
     layout, weights = models.upscaler_files.get(path, settings.allow_pickle)
     weights = {key: value.to(device) for key, value in weights.items()}
+    before_tile = progress.raise_if_cancelled if progress is not None else None
     upscaled = []
     for image in images:
-        if progress is not None:
-            progress.raise_if_cancelled()
+        if before_tile is not None:
+            before_tile()
         pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
         with torch.inference_mode():
             try:
-                out = upscale_tensor(pixels.to(device), weights, layout)
+                out = upscale_tensor(pixels.to(device), weights, layout, before_tile=before_tile)
             except RuntimeError as error:  # shapes inside the file that do not fit together
                 raise StudioInputError(f"upscaler {quote(path.stem)} ({path}) could not run: {error}") from None
         array = (out[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)

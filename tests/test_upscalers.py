@@ -163,7 +163,9 @@ def test_tiles_give_the_whole_image_when_the_overlap_covers_what_the_network_see
     layout, weights = read_upscaler_file(models_dir / "ESRGAN" / "tiny-x4.safetensors")
     image = torch.rand(1, 3, 40, 36, generator=torch.Generator().manual_seed(1))
     whole = upscale_tensor(image, weights, layout, tile=None)
-    tiled = upscale_tensor(image, weights, layout, tile=16, overlap=24)  # 9 tiles; the network sees ~19 px
+    tiles = []
+    tiled = upscale_tensor(image, weights, layout, tile=16, overlap=24, before_tile=lambda: tiles.append(1))
+    assert len(tiles) == 9  # 3 x 3 tiles, each after a cancel check; the network sees about 19 px around
     torch.testing.assert_close(tiled, whole, rtol=1e-4, atol=1e-4)
     seams = upscale_tensor(image, weights, layout, tile=16, overlap=0)  # A1111's small overlap: close, not equal
     assert 0 < (seams - whole).abs().max() and (seams - whole).abs().mean() < 0.05
