@@ -284,7 +284,8 @@ def upscale_tensor(
 
 
 def upscale_images(images: list, size: tuple[int, int], name: str, models, device, progress=None) -> list:
-    """Each PIL image upscaled by the named model (on `device`, float32), then resized to exactly `size`
+    """Each PIL image upscaled by the named model (on `device`, float32), again while it is smaller than `size`
+    (as A1111: an x2 model for hr_scale 4 runs twice; three passes at most), then resized to exactly `size`
     with Lanczos (the hires fix's target)."""
     import numpy as np
     import torch
@@ -295,16 +296,21 @@ def upscale_images(images: list, size: tuple[int, int], name: str, models, devic
     layout, weights = models.upscaler_files.get(path, settings.allow_pickle)
     weights = {key: value.to(device) for key, value in weights.items()}
     before_tile = progress.raise_if_cancelled if progress is not None else None
-    upscaled = []
-    for image in images:
-        if before_tile is not None:
-            before_tile()
+
+    def once(image: Image.Image) -> Image.Image:
         pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
         with torch.inference_mode():
             try:
                 out = upscale_tensor(pixels.to(device), weights, layout, before_tile=before_tile)
             except RuntimeError as error:  # shapes inside the file that do not fit together
                 raise StudioInputError(f"upscaler {quote(path.stem)} ({path}) could not run: {error}") from None
-        array = (out[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
-        upscaled.append(Image.fromarray(array).resize(size, Image.LANCZOS))
+        return Image.fromarray((out[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8))
+
+    upscaled = []
+    for image in images:
+        for _ in range(3 if layout.scale > 1 else 1):
+            if image.width >= size[0] and image.height >= size[1]:
+                break
+            image = once(image)
+        upscaled.append(image.resize(size, Image.LANCZOS))
     return upscaled

@@ -200,6 +200,20 @@ def test_hires_with_a_model_upscaler_is_the_models_upscale_then_lanczos(hires_st
     assert hires_studio.models.upscaler_files.reads == reads  # read once per file version
 
 
+def test_a_model_smaller_than_the_target_runs_again_as_in_a1111(hires_studio, models_dir):
+    """An x2 model for hr_scale 4: two passes (64 -> 128 -> 256), each written to 8-bit pixels, then the target."""
+    base = render(hires_studio).images[0]
+    result = render(hires_studio, hr_scale=4, hr_denoising_strength=0, hr_upscaler="tiny-x2")
+    layout, weights = read_upscaler_file(models_dir / "tiny-x2.safetensors")
+    image = base
+    for _ in range(2):
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)[None]
+        out = upscale_tensor(x, weights, layout)[0].clamp(0, 1).permute(1, 2, 0).numpy()
+        image = Image.fromarray((out * 255).round().astype(np.uint8))
+    assert image.size == result.images[0].size == (256, 256)
+    assert np.array_equal(pixels(result.images[0]), pixels(image))
+
+
 def test_metadata_names_the_upscaler_with_its_hash_and_replays(hires_studio, tmp_path):
     result = render(hires_studio, hr_scale=1.5, hr_steps=2, hr_upscaler="tiny-old")
     (path,) = result.save(tmp_path / "esrgan.png")
