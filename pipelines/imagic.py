@@ -54,6 +54,7 @@ FULL_FINETUNE_LR = 2e-6  # the community script's, for SD-sized UNets (860M para
 SMALL_UNET_FINETUNE_LR = 1e-4  # a UNet under SMALL_UNET_PARAMETERS barely moves at 2e-6 in 1000 steps
 SMALL_UNET_PARAMETERS = 100_000_000  # (the embedded model's has 4M)
 LORA_FINETUNE_LR = 1e-4
+REUSED_NOTE = "reused the fine-tune of an earlier run (same image, prompt, training settings and seed): no training"
 
 
 def check_inputs(request: ImagicRequest, context: TaskContext) -> None:
@@ -75,6 +76,15 @@ def finetune_lr(request: ImagicRequest, unet=None) -> float:
     if unet is not None and sum(p.numel() for p in unet.parameters()) < SMALL_UNET_PARAMETERS:
         return SMALL_UNET_FINETUNE_LR
     return FULL_FINETUNE_LR
+
+
+def planned_stages(request: ImagicRequest) -> list[tuple[str, int]]:
+    """The progress stages a run reports, in order, with their step counts (for time estimates; a run that
+    reuses a cached fine-tune reports only the sampling)."""
+    stages = [("imagic: embedding", request.embedding_steps)]
+    if request.finetune_steps:
+        stages.append(("imagic: fine-tune", request.finetune_steps))
+    return [*stages, ("sampling", request.num_inference_steps)]
 
 
 # --------------------------------------------------------------------------- the cache of trained states
@@ -233,6 +243,8 @@ def run(request: ImagicRequest, context: TaskContext, seeds: list[int], plan=Non
         state = train(loaded, request, image, target, seeds[0], context.progress)
         cache.trained += 1
         cache.put(key, state)
+    else:
+        context.progress.note(REUSED_NOTE)
 
     # 3. stage 3: sample from the interpolated embedding with the fine-tuned UNet
     eta = request.eta

@@ -126,6 +126,7 @@ class Studio:
 
         started = time.perf_counter()
         context = TaskContext(settings=self.settings, models=self.models, progress=progress or Progress())
+        noted = len(context.progress.notes)  # a progress may serve several runs: this run's notes follow
 
         # 0. the model's recommended settings for the fields the request leaves unset; <lora:NAME:WEIGHT> tags
         # moved from the prompt into `loras`, and every LoRA found (nothing loaded yet)
@@ -169,6 +170,7 @@ class Studio:
             )
             for index, seed in enumerate(seeds)
         ]
+        notes += context.progress.notes[noted:]  # how the task ran (Imagic reusing a cached fine-tune)
         return Result(recorded, images, records, context.warnings, time.perf_counter() - started, notes)
 
     def recommend(self, request: BaseRequest) -> tuple[BaseRequest, list[str]]:

@@ -49,6 +49,16 @@ class Progress:
         if self._on_update is not None:
             self._on_update(stage, step, total, preview)
 
+    def note(self, text: str) -> None:
+        """A line for the user on how the job ran (Imagic reusing a cached fine-tune); kept with the result."""
+        self.notes.append(text)
+
+    @property
+    def notes(self) -> list[str]:
+        if "_notes" not in self.__dict__:  # (subclasses may skip __init__)
+            self._notes = []
+        return self._notes
+
     def cancel(self) -> None:
         self._cancel.set()
 
@@ -102,3 +112,44 @@ class TqdmProgress(Progress):
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class StageClock:
+    """Times a job's stages from its progress updates: steps per second per stage, and the time left.
+
+    `rates` (stage -> steps/s) start from an earlier run's, so an estimate exists before the first step;
+    each stage's rate is then measured afresh from its own updates (the first update starts the clock, so
+    set-up before the first step is not counted as stepping)."""
+
+    def __init__(self, rates: dict | None = None):
+        self.rates: dict[str, float] = dict(rates or {})
+        self._started: dict[str, tuple[int, float]] = {}  # stage -> (step, time.monotonic()) at its first update
+
+    def update(self, stage: str, step: int, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        first = self._started.setdefault(stage, (step, now))
+        if step > first[0] and now > first[1]:
+            self.rates[stage] = (step - first[0]) / (now - first[1])
+
+    def seconds_left(self, plan: list[tuple[str, int]], stage: str | None = None, step: int = 0) -> float | None:
+        """Seconds to finish `plan` ([(stage, steps)], in order) from `step` of `stage` (None: before the first);
+        None before any stage has a rate. A stage not measured yet is taken at the slowest measured rate
+        (a step of the first run's later stages costs about what its first stage's did)."""
+        names = [name for name, _ in plan]
+        position = names.index(stage) if stage in names else (0 if stage is None else None)
+        known = [rate for name, rate in self.rates.items() if name in names and rate > 0]
+        if position is None or not known:
+            return None
+        total = 0.0
+        for index, (name, steps) in enumerate(plan[position:], start=position):
+            left = steps - step if index == position and stage is not None else steps
+            if left > 0:
+                total += left / (self.rates.get(name) or min(known))
+        return total
+
+
+def duration_text(seconds: float) -> str:
+    """"9 s", "2 min 5 s": an estimate as people read it."""
+    seconds = max(0, round(seconds))
+    minutes, rest = divmod(seconds, 60)
+    return f"{minutes} min {rest} s" if minutes else f"{rest} s"

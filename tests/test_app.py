@@ -485,6 +485,58 @@ def test_imagic_runs_with_few_steps(client, tmp_path):
     assert seeds == "7" and record.request.task == "imagic" and record.request.eta == 0.5
 
 
+@pytest.mark.skipif(not pipeline_exists("imagic"), reason="pipelines/imagic.py is not written yet")
+def test_imagic_estimates_its_time_and_a_second_run_reuses_the_fine_tune(studio, tmp_path):
+    """The UI's run path: a running estimate while it trains, the measured speed kept for the next estimate,
+    and the same image, prompt, settings and seed again reuse the cached fine-tune (and say so)."""
+    import re
+
+    from studio.ui.runner import StudioUI
+    from studio_pipelines.imagic import REUSED_NOTE
+
+    ui = StudioUI(studio, studio.settings.with_(outputs_dir=tmp_path / "outputs"))
+    path, _ = _scene(tmp_path)
+    fields = dict(image=str(path), prompt="a red square", seed=8, num_inference_steps=2, embedding_steps=6,
+                  finetune_steps=4, guidance_scale=3.0)
+    request = studio.tasks.make_request("imagic", **fields)
+    assert ui.estimate(request) is None  # nothing measured yet on this UI
+
+    def run():
+        said = []
+        stream = ui.stream("imagic", fields, "session", lambda value, desc=None, unit=None: said.append(desc))
+        while True:
+            try:
+                next(stream)
+            except StopIteration as done:
+                return said, *done.value
+
+    said, paths, first = run()
+    assert any(re.fullmatch(r"imagic: embedding 6/6 · ~\d+ s left", d or "") for d in said), said
+    assert any(re.fullmatch(r"imagic: fine-tune 2/4 · ~\d+ s left", d or "") for d in said), said
+    assert REUSED_NOTE not in first.notes
+    assert ui.estimate(request) > 0 and ui.estimate(request, reused=True) < ui.estimate(request)
+
+    said, again, second = run()
+    assert REUSED_NOTE in second.notes
+    assert not any((d or "").startswith(("imagic: embedding", "imagic: fine-tune")) for d in said), said
+    assert np.array_equal(np.asarray(Image.open(paths[0])), np.asarray(Image.open(again[0])))
+
+
+def test_stage_clock_estimates_from_the_measured_steps_per_second():
+    from studio.progress import StageClock
+
+    plan = [("embedding", 10), ("fine-tune", 5)]
+    clock = StageClock()
+    assert clock.seconds_left(plan) is None  # nothing measured
+    clock.update("embedding", 1, now=100.0)  # the first update starts the stage's clock
+    clock.update("embedding", 3, now=101.0)  # 2 steps/s
+    assert clock.seconds_left(plan, "embedding", 3) == pytest.approx(7 / 2 + 5 / 2)  # fine-tune: at 2/s too
+    clock.update("fine-tune", 1, now=106.0)
+    clock.update("fine-tune", 2, now=106.1)  # 10 steps/s
+    assert clock.seconds_left(plan, "fine-tune", 2) == pytest.approx(3 / 10)
+    assert StageClock(clock.rates).seconds_left(plan) == pytest.approx(10 / 2 + 5 / 10)  # the next run's estimate
+
+
 def test_editing_tab_without_an_image_says_so(client):
     from gradio_client.exceptions import AppError
 

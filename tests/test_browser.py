@@ -475,3 +475,41 @@ def test_the_tabs_follow_a_new_models_recommendations(browser_context, sd15_fold
         page.close()
         browser_context.unroute(f"{url.rstrip('/')}/**")
         demo.close()
+
+
+def test_imagic_says_its_time_and_reuses_its_fine_tune(page, shots, tmp_path):
+    scene = Image.new("RGB", (64, 64), (128, 128, 128))
+    scene.paste((220, 30, 30), (16, 16, 40, 40))
+    scene.save(tmp_path / "scene.png")
+    page.set_default_timeout(60_000)
+    page.get_by_role("tab", name="Imagic").click()
+    estimate = page.locator("#imagic-estimate")
+    assert "comes with the first run" in estimate.inner_text()  # this server has not timed Imagic yet
+    with page.expect_file_chooser() as chooser:
+        page.locator("#imagic-image").get_by_text("Drop Image Here").first.click()
+    chooser.value.set_files(str(tmp_path / "scene.png"))
+    page.locator("#imagic-prompt textarea").fill("a blue square")
+    page.locator("#imagic-settings .label-wrap").first.click()
+    set_number(page, "imagic-seed", 3)  # the fine-tune is seeded: the same seed reuses it
+    set_number(page, "imagic-num_inference_steps", 2)
+    page.locator("#imagic-options .label-wrap").first.click()
+    set_number(page, "imagic-embedding_steps", 12)
+    set_number(page, "imagic-finetune_steps", 6)
+
+    def run() -> str:
+        before = re.findall(r"[\w.-]+\.png", page.locator("#imagic-status").inner_text())
+        page.locator("#imagic-run").click()
+        page.wait_for_function(
+            "(before) => { const s = document.querySelector('#imagic-status').innerText;"
+            " return /Saved.*\\.png/.test(s) && !before.some((name) => s.includes(name)); }",
+            arg=before,
+        )
+        return page.locator("#imagic-status").inner_text()
+
+    first = run()
+    assert "reused the fine-tune" not in first
+    page.wait_for_function("document.querySelector('#imagic-estimate').innerText.includes('about')")
+    assert re.search(r"Time: about \d+ s on this machine", estimate.inner_text())
+    second = run()
+    assert "reused the fine-tune of an earlier run" in second, second
+    page.screenshot(path=str(shots / "imagic_reused.png"), full_page=True)

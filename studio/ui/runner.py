@@ -6,6 +6,7 @@ import io
 import logging
 import queue
 import secrets
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from PIL import Image
 from studio.console import quiet_libraries
 from studio.images import open_image, sha256_bytes
 from studio.outputs import atomic_write_new
-from studio.progress import Progress
+from studio.progress import Progress, StageClock, duration_text
 from studio.requests import StudioInputError
 from studio.settings import Settings
 
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 HISTORY_LIMIT = 200  # images kept in a session's history gallery
 INPUT_MAX_AGE = 7 * 24 * 3600  # inputs the studio stored in outputs/inputs/ (for replay and "send to")
 PREVIEW_SECONDS = 0.25  # the least time between two live previews of one job
+COST_FIELDS = ("width", "height", "use_lora")  # request fields that change what a step costs (rates kept apart)
 
 
 class SessionProgress(Progress):
@@ -52,6 +54,8 @@ class StudioUI:
         self.preload_seconds: float | None = None
         self.preload_error: str | None = None
         self.last_prune = 0.0  # when stored inputs were last pruned (time.time())
+        # (model, task, cost fields) -> {stage: steps/s} measured by the last such run: time estimates
+        self.step_rates: dict[tuple, dict[str, float]] = {}
 
     @property
     def studio(self):
@@ -154,6 +158,25 @@ class StudioUI:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         return str(self.outputs / f"{stamp}-{task}-{secrets.token_hex(3)}-{{index}}-{{seed}}.png")
 
+    def planned_stages(self, request) -> list[tuple[str, int]] | None:
+        """The stages a request's run reports, with their steps: its task module's `planned_stages` (Imagic's
+        embedding, fine-tune and sampling); None for a task that declares none."""
+        module = sys.modules.get(self.tasks.get(request.task).run.__module__)
+        planned = getattr(module, "planned_stages", None)
+        return planned(request) if planned is not None else None
+
+    def rates_key(self, request) -> tuple:
+        return (self.settings.model, request.task, *(getattr(request, name, None) for name in COST_FIELDS))
+
+    def estimate(self, request, reused: bool = False) -> float | None:
+        """Seconds a run of `request` should take here, from the last such run's steps/s (None: not measured
+        yet, or a task without planned stages); `reused`: the last stage alone (the sampling, when Imagic
+        reuses its cached fine-tune). `request` may be unvalidated (`model_construct`)."""
+        plan = self.planned_stages(request)
+        if not plan:
+            return None
+        return StageClock(self.step_rates.get(self.rates_key(request))).seconds_left(plan[-1:] if reused else plan)
+
     def stream(self, task: str, fields: dict, session: str, progress: gr.Progress):
         """Build the request, run it on the device, save the PNGs; returns (paths, result).
 
@@ -167,9 +190,16 @@ class StudioUI:
         events: queue.Queue = queue.Queue()
         outcome: dict = {}
         last_preview = [0.0]
+        plan = self.planned_stages(request)
+        clock = StageClock(self.step_rates.get(self.rates_key(request)))
 
         def on_update(stage, step, total, preview=None):
-            events.put(("progress", (step, total), stage.replace("_", " ")))
+            desc = stage.replace("_", " ")
+            if plan:  # a running estimate: "imagic: embedding 40/150 · ~9 s left"
+                clock.update(stage, step)
+                left = clock.seconds_left(plan, stage, step)
+                desc = f"{desc} {step}/{total}" + (f" · ~{duration_text(left)} left" if left is not None else "")
+            events.put(("progress", (step, total), desc))
             if preview is not None and time.monotonic() - last_preview[0] >= PREVIEW_SECONDS:
                 last_preview[0] = time.monotonic()
                 image = preview()
@@ -203,6 +233,8 @@ class StudioUI:
             if worker.is_alive():
                 cancel.set()
             self.jobs.pop(session, None)
+            if plan and clock.rates:
+                self.step_rates[self.rates_key(request)] = clock.rates
         if "error" in outcome:
             raise outcome["error"]
         return outcome["value"]

@@ -154,6 +154,13 @@ def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
                     tab.spec.run_label, variant="primary", scale=3, elem_id=f"{task}-run"
                 )
                 tab.cancel_button = gr.Button("Cancel", variant="stop", scale=1, elem_id=f"{task}-cancel")
+            estimate = None
+            if _has_planned_stages(ui, tab):  # Imagic: how long its training will take, before it starts
+                estimate = gr.Markdown(
+                    lambda: _estimate_text(ui, tab, list(tab.shown(tab.defaults).values())),
+                    elem_id=f"{task}-estimate",
+                    elem_classes="studio-status",
+                )
             with gr.Accordion("Settings", open=not tab.spec.image_fields, elem_id=f"{task}-settings"):
                 _common_controls(tab)
                 if task not in VAE_REFUSED_TASKS:
@@ -219,6 +226,8 @@ def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
         for warning in result.warnings:
             status += f"\n\n⚠️ {warning}"
             gr.Warning(warning)
+        for note in result.notes:
+            status += f"\n\nℹ️ {note}"
         kept = {**values, "seed": result.seeds[0]}
         yield (
             [(str(path), caption) for path, caption in zip(paths, captions)],
@@ -279,6 +288,19 @@ def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
         api_visibility="private",
     )
     tab.extra_events = []
+    if estimate is not None:
+        # Said again when a step count changes, and after each run (its measured speed is the next estimate's).
+        costly = [tab.inputs[name] for name in tab.recommendable()]
+        update_estimate = dict(
+            fn=lambda *values: _estimate_text(ui, tab, list(values)),
+            inputs=costly,
+            outputs=estimate,
+            queue=False,
+            show_progress="hidden",
+            api_visibility="private",
+        )
+        gr.on([widget.change for widget in costly], **update_estimate)
+        tab.run_event.then(**update_estimate)
     for name in tab.spec.rerender_fields:
         # Moving the field re-renders the last run from its cached work (Imagic's fine-tune for η):
         # same image, text and seed; only this field changes.
@@ -299,6 +321,28 @@ def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
                 show_progress_on=[tab.status],
             )
         )
+
+
+def _has_planned_stages(ui: StudioUI, tab: TaskTab) -> bool:
+    import sys
+
+    return hasattr(sys.modules.get(tab.spec.run.__module__), "planned_stages")
+
+
+def _estimate_text(ui: StudioUI, tab: TaskTab, values: list) -> str:
+    """The tab's time estimate from the widgets' values and this machine's measured speed."""
+    from studio.progress import duration_text
+
+    fields = {name: tab.field_value(name, value) for name, value in zip(tab.recommendable(), values)}
+    request = tab.request_type.model_construct(**{k: v for k, v in fields.items() if v is not None})
+    try:
+        seconds, reused = ui.estimate(request), ui.estimate(request, reused=True)
+    except (TypeError, ValueError):  # a box being typed in (empty, not a number yet)
+        return ""
+    again = "Run again with the same image, prompt, training settings and seed: the fine-tune is reused"
+    if seconds is None:
+        return f"Time: the estimate comes with the first run (measured on this machine). {again}."
+    return f"Time: about {duration_text(seconds)} on this machine, at the last run's speed. {again} (~{duration_text(reused)})."
 
 
 def _task_field(tab: TaskTab, name: str):
