@@ -224,8 +224,9 @@ def test_lists_and_options(api, studio):
     assert refused.status_code == 422 and refused.json()["field"] == "sd_model_checkpoint"
     names = [sampler["name"] for sampler in api.get("/sdapi/v1/samplers").json()]
     assert "Euler a" in names and "DPM++ 2M Karras" in names
-    for route in ("upscalers", "sd-vae", "loras"):
+    for route in ("sd-vae", "loras"):
         assert api.get(f"/sdapi/v1/{route}").json() == []
+    assert [entry["name"] for entry in api.get("/sdapi/v1/upscalers").json()] == ["Lanczos", "Nearest"]  # no models
     assert api.get("/sdapi/v1/embeddings").json() == {"loaded": {}, "skipped": {}}
     assert api.get("/sdapi/v1/schedulers").status_code == 200
     progress = api.get("/sdapi/v1/progress").json()
