@@ -7,6 +7,8 @@ Sections (`--only`):
   cpu        the studio's text to image vs plain diffusers (SD1.5 architecture, random weights, same sampler,
              steps, size and seed; runs alternate so both see the same machine load), for each candidate speed-up
              (threads, channels_last, torch.compile, fused QKV), with the output's PSNR against diffusers'
+  openvino   the same comparison for `--backend openvino`: the ratio, PSNR, the first image (converting the
+             model) and a new Studio's first image (reading the saved conversion); the embedded model too
   threads    1 vs 2 torch threads on the SD1.5 architecture, on a quiet machine and with another process
              busy on every core (the shared-machine case)
   embedded   the embedded model: one 64x64 image at 20 steps (warm), images per second at batch 8, eager and
@@ -126,6 +128,59 @@ def section_cpu(args) -> None:
         unet.unfuse_qkv_projections()
         unet._compiled_call_impl = None  # back to eager for the next size's "defaults" row
         unet.to(memory_format=torch.contiguous_format)
+
+
+# -- openvino: the studio's OpenVINO backend vs plain diffusers ------------------------------------------------
+
+
+def section_openvino(args) -> None:
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from studio import Settings, Studio
+
+    folder = random_sd15(args.model_dir)
+    plain = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
+                                                    torch_dtype=torch.float32)
+    plain.set_progress_bar_config(disable=True)
+    conversions = Path(tempfile.mkdtemp())  # a fresh conversion cache: the first image converts
+
+    def studio_with_openvino():
+        return Studio(Settings(model=str(folder), backend="openvino", compiled_cache=conversions))
+
+    studio = studio_with_openvino()
+    for size in args.sizes:
+        def run_plain():
+            return plain(PROMPT, width=size, height=size, num_inference_steps=args.steps, guidance_scale=GUIDANCE,
+                         generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
+
+        def run_studio(on=studio):
+            return on.text_to_image(PROMPT, width=size, height=size, num_inference_steps=args.steps,
+                                    guidance_scale=GUIDANCE, seed=SEED).images[0]
+
+        reference = run_plain()
+        started = time.perf_counter()
+        image = run_studio()  # the first image of the run converts the UNet and VAE decoder (once per model)
+        first = time.perf_counter() - started
+        times = alternate({"diffusers": run_plain, "studio": run_studio}, args.repeats)
+        ratio = statistics.median(times["studio"]) / statistics.median(times["diffusers"])
+        print(f"\nSD1.5 architecture, {size}x{size}, {args.steps} steps: studio --backend openvino "
+              f"{statistics.median(times['studio']):.2f} s  diffusers {statistics.median(times['diffusers']):.2f} s  "
+              f"ratio studio/diffusers {ratio:.3f}  PSNR {psnr(image, reference):.1f} dB  first image {first:.1f} s",
+              flush=True)
+    started = time.perf_counter()
+    run_studio(studio_with_openvino())  # a new process's first image: the saved conversion is read back
+    print(f"  first image with the conversion saved (a new Studio, {args.sizes[-1]}²): "
+          f"{time.perf_counter() - started:.1f} s", flush=True)
+    embedded = {backend: Studio(Settings(backend=backend, compiled_cache=conversions)) for backend in ("torch", "openvino")}
+
+    def one(backend):
+        return lambda: embedded[backend].text_to_image(PROMPT, num_inference_steps=20, seed=SEED, cache_interval=1)
+
+    one("torch")(), one("openvino")()
+    times = alternate({"torch": one("torch"), "openvino": one("openvino")}, max(args.repeats, 5))
+    print(f"  embedded model 64x64, 20 steps, uncached: torch {statistics.median(times['torch']):.3f} s, "
+          f"openvino {statistics.median(times['openvino']):.3f} s", flush=True)
 
 
 # -- threads: 1 vs 2, quiet and under load ------------------------------------------------------------------
@@ -335,7 +390,7 @@ def section_ui(args) -> None:
             app.wait()
 
 
-SECTIONS = {"cpu": section_cpu, "threads": section_threads, "embedded": section_embedded,
+SECTIONS = {"cpu": section_cpu, "openvino": section_openvino, "threads": section_threads, "embedded": section_embedded,
             "loading": section_loading, "cache": section_cache, "ui": section_ui}
 
 

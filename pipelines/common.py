@@ -91,11 +91,15 @@ class LoraPipeline(PipelineWrapper):
 def for_sampling(context: TaskContext, loaded: LoadedModel, pipe, request: BaseRequest):
     """`pipe` as the request samples with it, for that call only: A1111 prompt syntax and long prompts read
     at call time (prompts.py), inside the request's LoRAs (so text-encoder LoRAs shape the embeddings; the
-    cached model never keeps them), inside the request's step caching (step_cache.py).
+    cached model never keeps them), inside the request's step caching (step_cache.py), inside the OpenVINO
+    backend when the settings choose it (openvino.py; it runs PyTorch for whatever it cannot compute).
     Every task that samples through a pipeline gets it through here."""
+    from .openvino import with_openvino
     from .prompts import with_prompt_weights
     from .step_cache import with_step_cache
 
+    if not (request.cache_interval and request.cache_interval > 1):  # step caching needs PyTorch's UNet blocks
+        pipe = with_openvino(pipe, loaded, context.settings)
     pipe = with_prompt_weights(pipe)
     if request.loras:
         pipe = LoraPipeline(pipe, loaded=loaded, loras=list(request.loras), settings=context.settings,

@@ -97,8 +97,21 @@ def apply_memory_options(pipe, device: torch.device, settings: Settings) -> None
         pipe.to(device)
 
 
+def check_backend(settings: Settings) -> None:
+    """Refuse an unknown backend, or OpenVINO without its package or with torch.compile (two compilers of one UNet)."""
+    if settings.backend not in ("torch", "openvino"):
+        raise ValueError(f"unknown backend {settings.backend!r}; use torch or openvino")
+    if settings.backend == "openvino":
+        if settings.compile:
+            raise ValueError("--compile and --backend openvino are alternatives: choose one")
+        if importlib.util.find_spec("openvino") is None:
+            raise ValueError("--backend openvino needs the openvino package: pip install 'studio[openvino]'")
+
+
 def apply_speed_options(pipe, device: torch.device, settings: Settings) -> None:
-    """Thread count (CPU), channels-last layout and torch.compile of the UNet, as the settings say."""
+    """Thread count (CPU), channels-last layout and torch.compile of the UNet, as the settings say.
+    (The OpenVINO backend applies per call: pipelines/openvino.py.)"""
+    check_backend(settings)
     if device.type == "cpu" and settings.threads:
         torch.set_num_threads(settings.threads)  # process-wide; None leaves torch's own choice (or the caller's)
     unet = getattr(pipe, "unet", None)

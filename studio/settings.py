@@ -75,6 +75,9 @@ class Settings:
     threads: int | None = None  # CPU: torch's intra-op threads; None: torch's choice (the cores)
     compile: bool = False  # torch.compile the UNet (inductor): the first image of each size pays the compile
     channels_last: bool = False  # the UNet in channels-last memory layout
+    backend: str = "torch"  # "torch", or "openvino": fp32 on the CPU, the UNet and VAE decoder in OpenVINO
+    # OpenVINO conversions of models (--backend openvino), by weights hash, so each model is converted once
+    compiled_cache: Path | None = field(default_factory=lambda: default_cache_dir() / "openvino")
     allow_pickle: bool = False  # load .ckpt/.pt/.bin pickles (always with weights_only=True)
     use_ema: bool = False  # single-file checkpoints: the UNet's EMA weights (model_ema.*) instead of the trained ones
     configs_dir: Path = CONFIGS_DIR  # config folders (sd15, sd21, sdxl, ...) for single-file checkpoints
@@ -105,6 +108,8 @@ class Settings:
             values["device"] = env["STUDIO_DEVICE"]
         if "STUDIO_DTYPE" in env:
             values["dtype"] = env["STUDIO_DTYPE"]
+        if "STUDIO_BACKEND" in env:
+            values["backend"] = env["STUDIO_BACKEND"]
         if "STUDIO_THREADS" in env:
             values["threads"] = _from_env(env, "STUDIO_THREADS", positive_int)
         if "STUDIO_MAX_OUTPUT_PIXELS" in env:
