@@ -260,6 +260,19 @@ def test_a_missing_image_is_refused_at_the_click(page):
     assert page.locator("#imagic-gallery img").count() == 0
 
 
+def test_a_blank_sketch_is_refused_at_the_click(page):
+    """The canvas starts white; that is no sketch (and a Run clicked while an upload is still on its way
+    would send it): one message, nothing queued."""
+    page.get_by_role("tab", name="Sketch to image").click()
+    page.locator("#sketch_to_image-prompt textarea").fill("a green square")
+    page.locator("#sketch_to_image-run").click()
+    toast = page.locator(".toast-body")
+    toast.first.wait_for(timeout=10_000)
+    texts = toast.all_inner_texts()
+    assert len(texts) == 1 and "Sketch to image: draw or upload a sketch first" in texts[0], texts
+    assert page.locator("#sketch_to_image-gallery img").count() == 0
+
+
 def test_png_info_sends_settings_to_their_tab(page, served, tmp_path, shots):
     from gradio_client import Client
 

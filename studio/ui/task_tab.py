@@ -254,7 +254,9 @@ def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
         ]
         if missing:
             labels = "; ".join(tab.spec.image_labels.get(name, field_label(name)) for name in missing)
-            raise gr.Error(f"{tab.spec.title}: add an image first ({labels})", print_exception=False)
+            sketches = all(tab.image_inputs[name] == "sketch" for name in missing)
+            what = "draw or upload a sketch" if sketches else "add an image"
+            raise gr.Error(f"{tab.spec.title}: {what} first ({labels})", print_exception=False)
 
     # The browser's run: checked at once (a toast on this tab), a stale status ("Cancelled.") cleared, then
     # queued for the device. API clients call the last step, `/<task>`, directly (its own checks answer them).
@@ -519,7 +521,10 @@ def _has_image(value, kind: str) -> bool:
     if kind == "editor":
         return editor_background(value) is not None
     if kind == "sketch":
-        return editor_composite(value) is not None
+        # A blank canvas is no sketch. (It is also what the editor still holds when Run is clicked while an
+        # upload is on its way: refused, the click is simply made again once the sketch shows.)
+        sketch = editor_composite(value)
+        return sketch is not None and any(low != high for low, high in sketch.convert("RGB").getextrema())
     return bool(value)
 
 
