@@ -55,6 +55,7 @@ class TextToImageRequest(BaseRequest):
         description="Hires fix: how the base image is upscaled: its pixels (lanczos, nearest), its latents (latent), "
         "or an upscaler model's name from the models folders' ESRGAN/ or RealESRGAN/ (its output then resized "
         "to the target with Lanczos).",
+        json_schema_extra={"metavar": "NAME"},
     )
 
     @field_validator("hr_upscaler", mode="before")

@@ -92,8 +92,8 @@ def _add_task_arguments(parser: argparse.ArgumentParser, task) -> None:
             options["choices"] = get_args(annotation)
         elif annotation in (int, float):
             options["type"] = annotation
-        else:
-            options["metavar"] = "PATH"
+        else:  # images by path; a field may name its own placeholder (json_schema_extra={"metavar": ...})
+            options["metavar"] = (info.json_schema_extra or {}).get("metavar", "PATH")
         group.add_argument(flag, **options)
 
 

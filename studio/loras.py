@@ -70,7 +70,8 @@ def _looks_like_path(value: str) -> bool:
 
 def resolve_lora(name_or_path: str, settings: Settings) -> Path:
     """The LoRA file a reference points at: a path that must exist, or a name looked up as
-    `<models_dir>/Lora/<name>.safetensors` then `<models_dir>/<name>.safetensors` in each models folder."""
+    `<models_dir>/Lora/<name>.safetensors` then `<models_dir>/<name>.safetensors` (when its keys are a LoRA's)
+    in each models folder."""
     value = name_or_path.strip()
     if _looks_like_path(value):
         refuse_paths_on_a_server(value, settings, "LoRA", "LoRAs")
@@ -81,13 +82,17 @@ def resolve_lora(name_or_path: str, settings: Settings) -> Path:
         if path.suffix.lower() not in LORA_SUFFIXES + PICKLE_SUFFIXES:
             raise StudioInputError(f"LoRA {quote(value)} is not a .safetensors file")
         return path.resolve()
+    from .models import flat_layout_file
+
     looked = []
     for root in settings.models_dirs:
         root = Path(root).expanduser()
-        for candidate in (root / "Lora" / f"{value}.safetensors", root / f"{value}.safetensors"):
-            looked.append(str(candidate))
-            if candidate.is_file():
-                return candidate.resolve()
+        in_folder, flat = root / "Lora" / f"{value}.safetensors", root / f"{value}.safetensors"
+        looked += [str(in_folder), str(flat)]
+        if in_folder.is_file():
+            return in_folder.resolve()
+        if flat_layout_file(root, value, "lora"):  # only when its keys say LoRA (not an embedding beside it)
+            return flat.resolve()
     where = "; looked for " + ", ".join(looked) if looked else NO_MODELS_FOLDER
     raise StudioInputError(f"LoRA {quote(value)} not found{where}")
 

@@ -167,6 +167,15 @@ def test_missing_name_is_a_clear_error_before_any_model_loads(sd15_folder, model
     assert studio.models.loaded_models() == []
 
 
+def test_an_embedding_in_the_flat_layout_is_not_taken_for_a_lora(sd15_folder, tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"emb_params": torch.ones(1, 32)}, str(tmp_path / "flatstyle.safetensors"))
+    studio = Studio(Settings(model=str(sd15_folder), models_dirs=(tmp_path,)))
+    with pytest.raises(StudioInputError, match="LoRA 'flatstyle' not found"):
+        render(studio, loras=[{"name_or_path": "flatstyle"}])
+
+
 def test_lora_for_another_architecture_is_a_clear_error(lora_studio):
     with pytest.raises(StudioInputError, match=r"LoRA 'sdxl-style' does not fit model 'tiny-sd15'"):
         render(lora_studio, loras=[{"name_or_path": "sdxl-style"}])
