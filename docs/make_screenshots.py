@@ -1,6 +1,7 @@
 """Screenshots of every tab of the UI on the embedded model, after a run: docs/screenshots/<tab>.png.
 
     python docs/make_screenshots.py          # needs Debian's chromium (/usr/bin/chromium) and playwright
+    python docs/make_screenshots.py --only inpaint,sketch_to_image   # those tabs' screenshots again
 
 Serves the app in-process on a free port, drives it with Playwright as a user would (the inputs are
 toy-world scenes drawn by studio.demo.world), and writes one full-page screenshot per tab.
@@ -8,6 +9,7 @@ toy-world scenes drawn by studio.demo.world), and writes one full-page screensho
 
 from __future__ import annotations
 
+import argparse
 import random
 import sys
 import tempfile
@@ -31,6 +33,9 @@ RUNS = {  # tab id -> (prompt, {image widget id: input image name})
 }
 
 
+MASK_BOX = (36, 18, 60, 44)  # inpaint: an empty place right of the scene's circle, a triangle's size
+
+
 def inputs(folder: Path) -> dict[str, Path]:
     scene = world.scene_from_prompt(SCENE, random.Random(0))
     paths = {name: folder / f"{name}.png" for name in ("scene", "sketch")}
@@ -40,34 +45,58 @@ def inputs(folder: Path) -> dict[str, Path]:
 
 
 def upload(page, widget: str, path: Path) -> None:
-    """Into an image editor through its Upload button, else into the widget's file input."""
-    editor = page.locator(f"#{widget}")
-    button = editor.get_by_role("button", name="Upload")
-    if button.count():
-        with page.expect_file_chooser() as chooser:
-            button.first.click()
-        chooser.value.set_files(str(path))
-    else:
-        editor.locator("input[type=file]").first.set_input_files(str(path))
-    page.wait_for_timeout(1500)
+    """Into the widget's file input. An image editor takes a moment to hold it: a Run clicked before that
+    sends its old value (a sketch editor's blank canvas), which the tab refuses; main() then uploads again."""
+    page.locator(f"#{widget}").locator("input[type=file]").first.set_input_files(str(path))
+    page.wait_for_timeout(3000)
 
 
-def paint_stroke(page, widget: str) -> None:
-    """A brush stroke across the middle of an image editor's canvas (the inpainting mask)."""
+def paint_box(page, widget: str, box: tuple[int, int, int, int], side: int = 64) -> None:
+    """Fill `box` (x0, y0, x1, y1 in the image's pixels) of an image editor with brush strokes: the
+    inpainting mask, where the new object goes (an empty place, as EditEval's masks are)."""
     editor = page.locator(f"#{widget}")
     brush = editor.get_by_role("button", name="Brush", exact=True)
     if "highlight" not in (brush.get_attribute("class") or ""):
         brush.click()
-    box = editor.locator("canvas").last.bounding_box()
-    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    page.mouse.move(cx - 60, cy - 40)
-    page.mouse.down()
-    for step in range(1, 21):
-        page.mouse.move(cx - 60 + step * 4, cy - 40 + step * 4)
-    page.mouse.up()
+    canvas = editor.locator("canvas").last.bounding_box()
+    shown = min(canvas["width"], canvas["height"])  # the image is fitted, centred, into the canvas
+    left = canvas["x"] + (canvas["width"] - shown) / 2
+    top = canvas["y"] + (canvas["height"] - shown) / 2
+    scale = shown / side
+    x0, y0, x1, y1 = box
+    for y in range(y0 + 2, y1 - 1, 3):
+        page.mouse.move(left + (x0 + 2) * scale, top + y * scale)
+        page.mouse.down()
+        for x in range(x0 + 2, x1 - 1, 2):
+            page.mouse.move(left + x * scale, top + y * scale)
+        page.mouse.up()
 
 
-def main() -> int:
+def click_run(page, task: str) -> bool:
+    """Click Run; False when the tab refuses the click (an editor that does not hold its upload yet)."""
+    page.locator(f"#{task}-run").click()
+    page.wait_for_function(
+        f"document.querySelector('#{task}-status').innerText.trim() !== ''"  # queued, running or done
+        " || [...document.querySelectorAll('.toast-body')].some((t) => t.innerText.includes('first'))"
+    )
+    refused = page.locator(".toast-body").filter(has_text="first")
+    if not refused.count():
+        return True
+    for close in page.locator(".toast-close").all():
+        close.click()
+    return False
+
+
+def wait_saved(page, task: str) -> str:
+    page.wait_for_function(f"document.querySelector('#{task}-status').innerText.match(/Saved|error|Error|needs/)")
+    page.wait_for_timeout(1500)
+    return page.locator(f"#{task}-status").inner_text()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="", help="comma-separated tab ids (default: every tab)")
+    only = {name for name in parser.parse_args(argv).only.split(",") if name}
     OUT.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp())
     images = inputs(folder)
@@ -80,20 +109,24 @@ def main() -> int:
         page.set_default_timeout(300_000)
         page.goto(url)
         for task, (prompt, uploads) in RUNS.items():
+            if only and task not in only:
+                continue
             page.get_by_role("tab", name=next(spec.title for spec in demo.studio_ui.tasks if spec.name == task)).click()
+            page.wait_for_timeout(2000)  # an editor set up after this would drop an upload made earlier
             page.locator(f"#{task}-prompt textarea").fill(prompt)
-            for field, name in uploads.items():
-                upload(page, f"{task}-{field}", images[name])
-            if task == "inpaint":
-                paint_stroke(page, "inpaint-image")
-            page.locator(f"#{task}-run").click()
-            page.wait_for_function(
-                f"document.querySelector('#{task}-status').innerText.match(/Saved|error|Error|needs/)"
-            )
-            page.wait_for_timeout(1500)
+            for _ in range(5):
+                for field, name in uploads.items():
+                    upload(page, f"{task}-{field}", images[name])
+                if task == "inpaint":
+                    paint_box(page, "inpaint-image", MASK_BOX)
+                if click_run(page, task):
+                    break
+            status = wait_saved(page, task)
             page.screenshot(path=str(OUT / f"{task}.png"), full_page=True)
-            print(f"{task}: {page.locator(f'#{task}-status').inner_text().splitlines()[0]}", flush=True)
+            print(f"{task}: {' '.join(status.split())}", flush=True)
         for tab, name in (("Batch", "batch"), ("PNG info", "png_info"), ("Models and settings", "models")):
+            if only and name not in only:
+                continue
             page.get_by_role("tab", name=tab).click()
             page.wait_for_timeout(1000)
             page.screenshot(path=str(OUT / f"{name}.png"), full_page=True)
