@@ -10,7 +10,9 @@ the same prompt and seeds both ways:
        previews streamed while it samples, the PNG written and downloaded by the client
 Runs alternate (api, ui, api, ui, ...) after one warm-up each, so both see the same machine load; the
 median of each and their ratio are printed, with the machine's load average, and both results' recorded
-settings (the two paths must render the same request). `--server subprocess` (default) serves the UI with
+settings (the two paths must render the same request). On a busy machine the render time itself varies
+several-fold from run to run, so the UI's own overhead is printed too: the client's wall time minus the
+render time the server reports on its status line (the queue, previews, HTTP and the download). `--server subprocess` (default) serves the UI with
 `python app.py` as a user starts it; `inprocess` serves `studio.ui.build_app` on this process's Studio.
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -79,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     client = Client(url, verbose=False, download_files=str(work / "downloads"), analytics_enabled=False)
 
     recorded = {}
+    rendered: list[float] = []  # the UI's own render time per run, from its status line ("Saved 1 image in 1.1 s")
 
     def api(seed: int) -> None:
         result = studio.text_to_image(prompt=PROMPT, seed=seed, width=64, height=64)
@@ -86,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         recorded["api"] = read_record(path).request
 
     def ui(seed: int) -> None:
-        gallery, _, _ = client.predict(prompt=PROMPT, seed=seed, width=64, height=64, api_name="/text_to_image")
+        gallery, _, status = client.predict(prompt=PROMPT, seed=seed, width=64, height=64, api_name="/text_to_image")
         recorded["ui"] = read_record(Path(gallery[0]["image"])).request
+        rendered.append(float(re.search(r"in ([\d.]+) s", status).group(1)))
 
     api(1), ui(1)  # warm-up: the model loaded both ways, first-call costs paid
     times: dict[str, list[float]] = {"api": [], "ui": []}
@@ -115,7 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  same request both ways: {same}")
     for name in ("api", "ui"):
         print(f"  {name:3s}  median {statistics.median(times[name]):.3f} s   runs " + " ".join(f"{t:.3f}" for t in times[name]))
+    overhead = [wall - render for wall, render in zip(times["ui"], rendered[-args.repeats :])]
     print(f"  ratio ui/api: {ui_median / api_median:.2f}")
+    print(
+        f"  the UI's own overhead (client wall time - the server's render time): median {statistics.median(overhead):.3f} s,"
+        f" runs " + " ".join(f"{t:.3f}" for t in overhead)
+    )
     return 0
 
 

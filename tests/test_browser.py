@@ -50,6 +50,7 @@ def served(studio):
 
     settings = studio.settings.with_(port=free_port())
     demo = build_app(studio, settings)
+    demo.studio_ui.first_preview_seconds = 0.0  # previews from the first step: the tiny model renders in less
     _, url, _ = launch(demo, settings, block=False, quiet=True)
     yield url
     demo.close()

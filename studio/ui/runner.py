@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 HISTORY_LIMIT = 200  # images kept in a session's history gallery
 INPUT_MAX_AGE = 7 * 24 * 3600  # inputs the studio stored in outputs/inputs/ (for replay and "send to")
 PREVIEW_SECONDS = 0.25  # the least time between two live previews of one job
+# A job that finishes within this shows just its result: each preview costs a decode, a PNG and a message,
+# a tenth of a 64x64 image's time, and nobody reads a preview shown for a fraction of a second.
+FIRST_PREVIEW_SECONDS = 0.5
+PROGRESS_SECONDS = 0.1  # the least time between two progress messages of one stage (its last step always goes)
 COST_FIELDS = ("width", "height", "use_lora")  # request fields that change what a step costs (rates kept apart)
 
 
@@ -56,6 +60,7 @@ class StudioUI:
         self.last_prune = 0.0  # when stored inputs were last pruned (time.time())
         # (model, task, cost fields) -> {stage: steps/s} measured by the last such run: time estimates
         self.step_rates: dict[tuple, dict[str, float]] = {}
+        self.first_preview_seconds = FIRST_PREVIEW_SECONDS  # no live preview before a job has run this long
 
     @property
     def studio(self):
@@ -180,8 +185,9 @@ class StudioUI:
     def stream(self, task: str, fields: dict, session: str, progress: gr.Progress):
         """Build the request, run it on the device, save the PNGs; returns (paths, result).
 
-        A generator: while the job samples in a worker thread it yields live previews (PIL images,
-        at most every PREVIEW_SECONDS) and reports steps to `progress`, both from this thread,
+        A generator: while the job samples in a worker thread it yields live previews (PIL images, from
+        FIRST_PREVIEW_SECONDS into the job, at most every PREVIEW_SECONDS) and reports steps to `progress`
+        (at most every PROGRESS_SECONDS per stage), both from this thread,
         the one gradio gave the event. Closing the generator (the browser went away) cancels the job.
         """
         request = self.studio.tasks.make_request(task, **fields)  # StudioInputError names the bad field and value
@@ -189,7 +195,9 @@ class StudioUI:
         self.jobs[session] = cancel
         events: queue.Queue = queue.Queue()
         outcome: dict = {}
-        last_preview = [0.0]
+        started = time.monotonic()
+        last_preview = [started - PREVIEW_SECONDS + self.first_preview_seconds]
+        last_progress = {"stage": None, "time": 0.0}
         plan = self.planned_stages(request)
         clock = StageClock(self.step_rates.get(self.rates_key(request)))
 
@@ -199,7 +207,10 @@ class StudioUI:
                 clock.update(stage, step)
                 left = clock.seconds_left(plan, stage, step)
                 desc = f"{desc} {step}/{total}" + (f" · ~{duration_text(left)} left" if left is not None else "")
-            events.put(("progress", (step, total), desc))
+            now = time.monotonic()
+            if stage != last_progress["stage"] or step >= total or now - last_progress["time"] >= PROGRESS_SECONDS:
+                last_progress.update(stage=stage, time=now)
+                events.put(("progress", (step, total), desc))
             if preview is not None and time.monotonic() - last_preview[0] >= PREVIEW_SECONDS:
                 last_preview[0] = time.monotonic()
                 image = preview()
