@@ -163,11 +163,13 @@ class StudioUI:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         return str(self.outputs / f"{stamp}-{task}-{secrets.token_hex(3)}-{{index}}-{{seed}}.png")
 
+    def stage_planner(self, task: str):
+        """The task module's `planned_stages(request)` (Imagic's embedding, fine-tune and sampling), or None."""
+        return getattr(sys.modules.get(self.tasks.get(task).run.__module__), "planned_stages", None)
+
     def planned_stages(self, request) -> list[tuple[str, int]] | None:
-        """The stages a request's run reports, with their steps: its task module's `planned_stages` (Imagic's
-        embedding, fine-tune and sampling); None for a task that declares none."""
-        module = sys.modules.get(self.tasks.get(request.task).run.__module__)
-        planned = getattr(module, "planned_stages", None)
+        """The stages a request's run reports, with their steps; None for a task that declares none."""
+        planned = self.stage_planner(request.task)
         return planned(request) if planned is not None else None
 
     def rates_key(self, request) -> tuple:

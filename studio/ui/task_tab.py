@@ -155,7 +155,7 @@ def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
                 )
                 tab.cancel_button = gr.Button("Cancel", variant="stop", scale=1, elem_id=f"{task}-cancel")
             estimate = None
-            if _has_planned_stages(ui, tab):  # Imagic: how long its training will take, before it starts
+            if ui.stage_planner(task) is not None:  # Imagic: how long its training will take, before it starts
                 estimate = gr.Markdown(
                     lambda: _estimate_text(ui, tab, list(tab.shown(tab.defaults).values())),
                     elem_id=f"{task}-estimate",
@@ -323,12 +323,6 @@ def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
                 show_progress_on=[tab.status],
             )
         )
-
-
-def _has_planned_stages(ui: StudioUI, tab: TaskTab) -> bool:
-    import sys
-
-    return hasattr(sys.modules.get(tab.spec.run.__module__), "planned_stages")
 
 
 def _estimate_text(ui: StudioUI, tab: TaskTab, values: list) -> str:
