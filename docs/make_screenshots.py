@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(300_000)
+        page.set_default_timeout(1_200_000)  # Imagic at its 150 + 150 training steps on a busy CPU: minutes
         page.goto(url)
         for task, (prompt, uploads) in RUNS.items():
             if only and task not in only:
