@@ -492,13 +492,14 @@ def test_imagic_estimates_its_time_and_a_second_run_reuses_the_fine_tune(studio,
     and the same image, prompt, settings and seed again reuse the cached fine-tune (and say so)."""
     import re
 
-    from studio.ui.runner import StudioUI
     from studio_pipelines.imagic import REUSED_NOTE
+
+    from studio.ui.runner import StudioUI
 
     ui = StudioUI(studio, studio.settings.with_(outputs_dir=tmp_path / "outputs"))
     path, _ = _scene(tmp_path)
-    fields = dict(image=str(path), prompt="a red square", seed=8, num_inference_steps=2, embedding_steps=6,
-                  finetune_steps=4, guidance_scale=3.0)
+    fields = {"image": str(path), "prompt": "a red square", "seed": 8, "num_inference_steps": 2,
+              "embedding_steps": 6, "finetune_steps": 4, "guidance_scale": 3.0}
     request = studio.tasks.make_request("imagic", **fields)
     assert ui.estimate(request) is None  # nothing measured yet on this UI
 

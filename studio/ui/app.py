@@ -154,7 +154,7 @@ def follow_the_model(ui: StudioUI, demo: gr.Blocks, task_tabs: dict[str, TaskTab
             start += count
         return updates
 
-    options = dict(inputs=[shown_model, *widgets], outputs=[shown_model, *widgets], queue=False)
+    options = {"inputs": [shown_model, *widgets], "outputs": [shown_model, *widgets], "queue": False}
     demo.load(follow, **options, api_visibility="private")
     model_applied.success(follow, **options, api_visibility="private")
 

@@ -293,14 +293,14 @@ def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
     if estimate is not None:
         # Said again when a step count changes, and after each run (its measured speed is the next estimate's).
         costly = [tab.inputs[name] for name in tab.recommendable()]
-        update_estimate = dict(
-            fn=lambda *values: _estimate_text(ui, tab, list(values)),
-            inputs=costly,
-            outputs=estimate,
-            queue=False,
-            show_progress="hidden",
-            api_visibility="private",
-        )
+        update_estimate = {
+            "fn": lambda *values: _estimate_text(ui, tab, list(values)),
+            "inputs": costly,
+            "outputs": estimate,
+            "queue": False,
+            "show_progress": "hidden",
+            "api_visibility": "private",
+        }
         gr.on([widget.change for widget in costly], **update_estimate)
         tab.run_event.then(**update_estimate)
     for name in tab.spec.rerender_fields:
