@@ -472,7 +472,7 @@ def evaluate_edits(
     target | output, with the failed checks). on_case(task, index, checks, seconds) is called after each.
 
     Report: {"settings": {...}, "tasks": {task: {"n", "counts", "rates", "errors", "seconds_per_image",
-    "request" (the first request's fields, images left out), "cases": [{"index", "seed", "prompt",
+    "request" (the first request's fields as rendered, images left out), "cases": [{"index", "seed", "prompt",
     "checks", "seconds", "error"}]}}}.
     """
     tasks = list(tasks)
@@ -502,12 +502,13 @@ def evaluate_edits(
         for case in make_cases(task, n, scene_seed):
             fields = dict(prompt=case.prompt, seed=seed + case.index, **case.images, **per_task[task])
             request = registry.make_request(studio_task.name, **fields)
-            if request_fields is None:
-                request_fields = request.model_dump(exclude=set(studio_task.image_fields) | {"prompt", "seed"})
             started = time.perf_counter()
             error, output = None, None
             try:
-                output = studio.run(request).images[0]
+                result = studio.run(request)
+                output = result.images[0]
+                if request_fields is None:  # as rendered: with the model's recommendations filled in
+                    request_fields = result.request.model_dump(exclude=set(studio_task.image_fields) | {"prompt", "seed"})
                 checks = score_case(case, output)
             except Exception as exc:  # noqa: BLE001 -- one failing request is reported, not fatal to the run
                 error = f"{type(exc).__name__}: {exc}"
@@ -531,7 +532,7 @@ def evaluate_edits(
             "rates": {k: counts[k] / len(rows) for k in names},
             "errors": sum(row["error"] is not None for row in rows),
             "seconds_per_image": round(sum(row["seconds"] for row in rows) / len(rows), 3),
-            "request": _jsonable(request_fields),
+            "request": _jsonable(request_fields or {}),
             "cases": rows,
         }
     if sheet is not None:
