@@ -5,7 +5,8 @@ PyTorch at fp32 with the same weights (`benchmarks/speed.py`, section `openvino`
 once per model (`openvino.convert_model` traces the PyTorch module: about half a minute per component for
 SD 1.5) and saved under the cache folder, keyed by the weights' hash, so later loads read it back in seconds.
 
-The OpenVINO copy holds the base weights as they were converted. So each call checks that PyTorch would
+The model's VAE decodes through OpenVINO from the first call on. The UNet's forward is shadowed for one
+sampling call at a time. The OpenVINO copy holds the base weights as they were converted, so each call checks that PyTorch would
 compute the same thing, and otherwise runs PyTorch: a LoRA or other adapter in the UNet, ControlNet
 residuals, attention processors other than the default (style by reference), other conditioning (SDXL's
 added embeddings), a latent size the traced graph does not cover, or another dtype or device. Step caching
@@ -54,19 +55,17 @@ class OpenVinoPipeline(PipelineWrapper):
     """A pipeline whose call runs its UNet and VAE decoder through OpenVINO wherever that computes the same."""
 
     def __call__(self, *args, **kwargs):
-        unet, vae = self._pipe.unet, self._pipe.vae
+        unet = self._pipe.unet
         if _unet_changed(unet):
             return self._pipe(*args, **kwargs)
         self._models.prepare()  # converts (traces) the plain modules, so before their methods are shadowed
-        # Instance attributes shadow the methods for this call only (deleted after it), so the modules keep
-        # their class, config and weights for everything else.
+        # An instance attribute shadows the UNet's forward for this call only (deleted after it), so the module
+        # keeps its class, config and weights for everything else (LoRAs, Imagic's fine-tuning).
         unet.forward = self._models.unet_forward(unet.forward)
-        vae.decode = self._models.vae_decode(vae, vae.decode)
         try:
             return self._pipe(*args, **kwargs)
         finally:
             del unet.forward
-            del vae.decode
 
 
 def _unet_changed(unet) -> bool:
@@ -132,12 +131,17 @@ class CompiledModels:
                 and height % self.latent_multiple == 0 and width % self.latent_multiple == 0)
 
     def prepare(self) -> None:
-        """Convert (or read back) and compile both components, once."""
+        """Convert (or read back) and compile both components, once; from then on the model's VAE decodes
+        through OpenVINO (the tasks decode after sampling; the VAE is never trained, and a request's own VAE
+        is another module)."""
         with self._lock:
             for component in ("unet", "vae_decoder"):
                 if component not in self._compiled:
                     model = self._read(component) or self._convert(component)
                     self._compiled[component] = self._core.compile_model(model, "CPU", self._config)
+            vae = self._loaded.pipe.vae
+            if "decode" not in vars(vae):
+                vae.decode = self.vae_decode(vae, vae.decode)
 
     def _infer(self, component: str, *inputs: torch.Tensor) -> torch.Tensor:
         compiled = self._compiled[component]
