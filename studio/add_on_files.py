@@ -37,27 +37,24 @@ def refuse_pickle(path: Path, settings: Settings, kind: str, label: str, pickle_
         )
 
 
-class FileCache:
-    """`read(path, allow_pickle)`'s result per file version (path, size, mtime), the last `capacity` kept,
-    least recently used out first. One per ModelManager (a studio's model cache), never module-level state."""
+class LruCache:
+    """Values by key, the last `capacity` kept, least recently used out first; safe across threads.
+    One per ModelManager (a studio's model cache), never module-level state."""
 
-    def __init__(self, read: Callable[[Path, bool], Any], capacity: int):
-        self.read = read
+    def __init__(self, capacity: int):
         self.capacity = capacity
         self.entries: OrderedDict[tuple, Any] = OrderedDict()
-        self.reads = 0  # files read from disk (the tests check the cache with it)
+        self.loads = 0  # values loaded rather than found (the tests check the cache with it)
         self._lock = threading.Lock()
 
-    def get(self, path: Path, allow_pickle: bool = False):
-        stat = path.stat()
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
+    def get_or_load(self, key: tuple, load: Callable[[], Any]):
         with self._lock:
             if key in self.entries:
                 self.entries.move_to_end(key)
                 return self.entries[key]
-        value = self.read(path, allow_pickle)
+        value = load()  # outside the lock: a load can take seconds
         with self._lock:
-            self.reads += 1
+            self.loads += 1
             self.entries[key] = value
             while len(self.entries) > self.capacity:
                 self.entries.popitem(last=False)
@@ -66,3 +63,15 @@ class FileCache:
     def clear(self) -> None:
         with self._lock:
             self.entries.clear()
+
+
+class FileCache(LruCache):
+    """`read(path, allow_pickle)`'s result per file version (path, size, mtime)."""
+
+    def __init__(self, read: Callable[[Path, bool], Any], capacity: int):
+        super().__init__(capacity)
+        self.read = read
+
+    def get(self, path: Path, allow_pickle: bool = False):
+        stat = path.stat()
+        return self.get_or_load((str(path), stat.st_size, stat.st_mtime_ns), lambda: self.read(path, allow_pickle))

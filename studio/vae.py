@@ -13,11 +13,9 @@ Light to import (no torch at the top): `prepare_vae` runs in `Studio.run` step 0
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from pathlib import Path
 
-from .add_on_files import NO_MODELS_FOLDER, looks_like_path, refuse_paths_on_a_server, refuse_pickle
+from .add_on_files import NO_MODELS_FOLDER, LruCache, looks_like_path, refuse_paths_on_a_server, refuse_pickle
 from .requests import BaseRequest, StudioInputError, VaeRef, quote
 from .settings import Settings
 
@@ -127,46 +125,29 @@ def prepare_vae(request: BaseRequest, settings: Settings) -> BaseRequest:
 MAX_CACHED_VAES = 2  # models-with-this-VAE kept (a VAE is about 160 MB in fp32)
 
 
-class VaeCache:
+class VaeCache(LruCache):
     """Loaded models as seen with another VAE (a pipeline derived with `vae=` swapped, sharing everything
-    else), by model and VAE file version; the last few kept. One per ModelManager, never module-level state."""
+    else), by model and VAE file version; the last few kept."""
 
     def __init__(self, capacity: int = MAX_CACHED_VAES):
-        self.capacity = capacity
-        self.entries: OrderedDict[tuple, object] = OrderedDict()
-        self.loads = 0  # VAEs read from disk (the tests check the cache with it)
-        self._lock = threading.Lock()
+        super().__init__(capacity)
 
     def with_vae(self, models, loaded, path: Path):
         """`loaded` (a LoadedModel) with the VAE at `path`: a LoadedModel whose pipe and derived pipelines use it."""
         from .models import LoadedModel
 
-        weights = weights_file(path) if path.is_dir() else path
-        stat = weights.stat()
-        key = (loaded.ref, loaded.model_hash, str(path), stat.st_size, stat.st_mtime_ns)
-        with self._lock:
-            if key in self.entries:
-                self.entries.move_to_end(key)
-                return self.entries[key]
-        vae = load_vae(path, loaded, models.settings)
-        pipe = models.derive(loaded, type(loaded.pipe), vae=vae)
-        view = LoadedModel(loaded.ref, pipe, loaded.device, loaded.dtype, loaded.model_hash)
-        with self._lock:
-            self.loads += 1
-            self.entries[key] = view
-            while len(self.entries) > self.capacity:
-                self.entries.popitem(last=False)
-        return view
+        def load():
+            pipe = models.derive(loaded, type(loaded.pipe), vae=load_vae(path, loaded, models.settings))
+            return LoadedModel(loaded.ref, pipe, loaded.device, loaded.dtype, loaded.model_hash)
+
+        stat = (weights_file(path) if path.is_dir() else path).stat()
+        return self.get_or_load((loaded.ref, loaded.model_hash, str(path), stat.st_size, stat.st_mtime_ns), load)
 
     def forget(self, ref) -> None:
         """Drop what was derived from a model (it is being freed)."""
         with self._lock:
             for key in [key for key in self.entries if key[0] == ref]:
                 del self.entries[key]
-
-    def clear(self) -> None:
-        with self._lock:
-            self.entries.clear()
 
 
 def load_vae(path: Path, loaded, settings: Settings):

@@ -97,10 +97,10 @@ def test_diffusers_layout_by_path_with_its_own_token(ti_studio, models_dir):
 def test_vectors_are_read_once_per_file_version(ti_studio):
     files = ti_studio.models.embedding_files
     files.clear()
-    reads = files.reads
+    loads = files.loads
     render(ti_studio, "shapestyle")
     render(ti_studio, "shapestyle")
-    assert files.reads == reads + 1
+    assert files.loads == loads + 1
 
 
 def test_pickled_embedding_needs_the_opt_in(ti_studio, sd15_folder, models_dir):

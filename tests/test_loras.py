@@ -141,13 +141,13 @@ def test_prompt_tags_parse():
 
 def test_second_request_does_not_read_the_file_again(lora_studio, capsys):
     lora_studio.models.lora_files.clear()
-    reads = lora_studio.models.lora_files.reads
+    loads = lora_studio.models.lora_files.loads
     path = str((lora_studio.settings.models_dirs[0] / "Lora" / "tiny.safetensors").resolve())
     first = render(lora_studio, loras=[{"name_or_path": "tiny", "weight": 1}])
     first_load = lora_studio.models.lora_files.load_seconds[path]
     second = render(lora_studio, loras=[{"name_or_path": "tiny", "weight": 1}])
     cached_load = lora_studio.models.lora_files.load_seconds[path]
-    assert lora_studio.models.lora_files.reads == reads + 1
+    assert lora_studio.models.lora_files.loads == loads + 1
     assert np.array_equal(pixels(first.images[0]), pixels(second.images[0]))
     with capsys.disabled():
         print(f"\nLoRA load on the tiny model: first {first_load * 1000:.1f} ms, cached {cached_load * 1000:.1f} ms")

@@ -195,9 +195,9 @@ def test_hires_with_a_model_upscaler_is_the_models_upscale_then_lanczos(hires_st
     refined = render(hires_studio, hr_scale=2, hr_steps=2, hr_upscaler="tiny-x4")  # and the refining pass runs on it
     assert refined.images[0].size == (128, 128)
     assert np.abs(pixels(refined.images[0]) - pixels(render(hires_studio, hr_scale=2, hr_steps=2).images[0])).max() > 0
-    reads = hires_studio.models.upscaler_files.reads
+    loads = hires_studio.models.upscaler_files.loads
     render(hires_studio, hr_scale=1.5, hr_denoising_strength=0, hr_upscaler="tiny-x4")
-    assert hires_studio.models.upscaler_files.reads == reads  # read once per file version
+    assert hires_studio.models.upscaler_files.loads == loads  # read once per file version
 
 
 def test_a_model_smaller_than_the_target_runs_again_as_in_a1111(hires_studio, models_dir):
