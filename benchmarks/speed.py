@@ -87,16 +87,39 @@ def random_sd15(model_dir: Path | None) -> Path:
 # -- cpu: the studio vs plain diffusers ----------------------------------------------------------------
 
 
-def section_cpu(args) -> None:
+def plain_sd15(folder: Path):
+    """Plain diffusers on the same weights, in float32: the baseline."""
     import torch
     from diffusers import StableDiffusionPipeline
+
+    plain = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
+                                                    torch_dtype=torch.float32)
+    plain.set_progress_bar_config(disable=True)
+    return plain
+
+
+def text_to_image_runs(plain, studio, size: int, steps: int):
+    """(plain diffusers' image, the studio's image): one prompt, sampler, size, step count, CFG and seed."""
+    import torch
+
+    def run_plain():
+        return plain(PROMPT, width=size, height=size, num_inference_steps=steps, guidance_scale=GUIDANCE,
+                     generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
+
+    def run_studio():
+        return studio.text_to_image(PROMPT, width=size, height=size, num_inference_steps=steps,
+                                    guidance_scale=GUIDANCE, seed=SEED).images[0]
+
+    return run_plain, run_studio
+
+
+def section_cpu(args) -> None:
+    import torch
 
     from studio import Settings, Studio
 
     folder = random_sd15(args.model_dir)
-    plain = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
-                                                    torch_dtype=torch.float32)
-    plain.set_progress_bar_config(disable=True)
+    plain = plain_sd15(folder)
     studio = Studio(Settings(model=str(folder)))
     unet = studio.models.get(None).pipe.unet
     candidates = {
@@ -106,14 +129,7 @@ def section_cpu(args) -> None:
         "+ torch.compile": lambda: unet.compile(dynamic=False),
     }
     for size in args.sizes:
-        def run_plain():
-            return plain(PROMPT, width=size, height=size, num_inference_steps=args.steps, guidance_scale=GUIDANCE,
-                         generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
-
-        def run_studio():
-            return studio.text_to_image(PROMPT, width=size, height=size, num_inference_steps=args.steps,
-                                        guidance_scale=GUIDANCE, seed=SEED).images[0]
-
+        run_plain, run_studio = text_to_image_runs(plain, studio, size, args.steps)
         reference = run_plain()
         print(f"\nSD1.5 architecture, random weights, {size}x{size}, {args.steps} steps, CFG {GUIDANCE}, "
               f"torch threads {torch.get_num_threads()}, median of {args.repeats}")
@@ -136,15 +152,10 @@ def section_cpu(args) -> None:
 
 
 def section_openvino(args) -> None:
-    import torch
-    from diffusers import StableDiffusionPipeline
-
     from studio import Settings, Studio
 
     folder = random_sd15(args.model_dir)
-    plain = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, safety_checker=None,
-                                                    torch_dtype=torch.float32)
-    plain.set_progress_bar_config(disable=True)
+    plain = plain_sd15(folder)
     conversions = Path(tempfile.mkdtemp())  # a fresh conversion cache: the first image converts
 
     def studio_with_openvino():
@@ -152,14 +163,7 @@ def section_openvino(args) -> None:
 
     studio = studio_with_openvino()
     for size in args.sizes:
-        def run_plain():
-            return plain(PROMPT, width=size, height=size, num_inference_steps=args.steps, guidance_scale=GUIDANCE,
-                         generator=torch.Generator("cpu").manual_seed(SEED)).images[0]
-
-        def run_studio(on=None):
-            return (on or studio).text_to_image(PROMPT, width=size, height=size, num_inference_steps=args.steps,
-                                    guidance_scale=GUIDANCE, seed=SEED).images[0]
-
+        run_plain, run_studio = text_to_image_runs(plain, studio, size, args.steps)
         reference = run_plain()
         started = time.perf_counter()
         image = run_studio()  # the first image of the run converts the UNet and VAE decoder (once per model)
@@ -173,7 +177,8 @@ def section_openvino(args) -> None:
     studio = plain = None  # each SD1.5 copy holds 4.3 GB, its OpenVINO conversion 3.6 GB more
     gc.collect()
     started = time.perf_counter()
-    run_studio(studio_with_openvino())  # a new process's first image: the saved conversion is read back
+    _, run_new_studio = text_to_image_runs(None, studio_with_openvino(), args.sizes[-1], args.steps)
+    run_new_studio()  # a new process's first image: the saved conversion is read back
     print(f"  first image with the conversion saved (a new Studio, {args.sizes[-1]}², model load included): "
           f"{time.perf_counter() - started:.1f} s", flush=True)
     gc.collect()
