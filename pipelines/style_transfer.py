@@ -11,9 +11,12 @@ Three methods (request.method; "auto" = "reference" when a reference_image is gi
   keys AdaIN-normalised to the reference's statistics (StyleAligned's shared attention, Hertz et al.
   2023). `style_strength` scales the attention paid to the reference (a log-bias on its keys) and the
   AdaIN blend; 0 turns the sharing off.
-- ip_adapter: an IP-Adapter whose weights the user already has locally, a folder named by
-  `--ip-adapter` (`Settings.add_ons.ip_adapter`) holding the adapter .safetensors and its
-  image_encoder/. Nothing is ever downloaded.
+- ip_adapter: an IP-Adapter whose weights are on this machine: the folder named by `--ip-adapter`
+  (`Settings.add_ons.ip_adapter`) holding the adapter .safetensors and its image_encoder/, or else the
+  one the model ships in its own `ip_adapter/` folder (the embedded model does: trained by
+  `studio.demo.train_ip_adapter` to carry a reference's fill). Nothing is ever downloaded.
+
+"auto" with a reference image takes the model's own IP-Adapter when it ships one, else "reference".
 
 The cached model is never changed: the reference method installs its attention processors on the
 shared UNet only for the duration of the call, from a copy of the processors map that is restored in a
@@ -47,9 +50,19 @@ class StyleTransferRequest(BaseRequest):
     task: Literal["style_transfer"] = "style_transfer"
     image: ImageInput = image_field(..., "The image to restyle.")
     reference_image: ImageInput = image_field(None, "An image whose style to take.")
-    method: Literal["auto", "prompt", "reference", "ip_adapter"] = Field("auto", description="How style is applied.")
+    method: Literal["auto", "prompt", "reference", "ip_adapter"] = Field(
+        "auto",
+        description="How style is applied. auto: with a style image, the model's own IP-Adapter where it ships "
+        "one (the embedded model does), else reference (shared attention); without one, prompt. "
+        "ip_adapter needs the model's own or --ip-adapter FOLDER.",
+    )
     strength: float = Field(0.6, ge=0.0, le=1.0, description="How far from the input image to go.")
     style_strength: float = Field(1.0, ge=0.0, le=2.0, description="How strongly the reference style is applied.")
+    style_guidance: bool = Field(
+        True,
+        description="ip_adapter: classifier-free guidance also strengthens the style image (as diffusers does); "
+        "off: guidance follows the prompt only, and style_strength alone weighs the image.",
+    )
 
 REFERENCE_NOISE_SEED = 0x5EED  # the reference's noise: fixed, so image i of a batch is the single render of seed i
 
@@ -57,16 +70,18 @@ REFERENCE_NOISE_SEED = 0x5EED  # the reference's noise: fixed, so image i of a b
 # --------------------------------------------------------------------------- checks
 
 
-def resolve_method(request: StyleTransferRequest) -> str:
-    if request.method == "auto":
-        return "reference" if request.reference_image is not None else "prompt"
-    return request.method
+def resolve_method(request: StyleTransferRequest, settings) -> str:
+    if request.method != "auto":
+        return request.method
+    if request.reference_image is None:
+        return "prompt"
+    return "ip_adapter" if shipped_ip_adapter(settings, request.model) is not None else "reference"
 
 
 def check_inputs(request: StyleTransferRequest, context: TaskContext) -> None:
     """Checks the schema cannot express; runs before any model is loaded."""
     check_task(request, "style_transfer")
-    method = resolve_method(request)
+    method = resolve_method(request, context.settings)
     check_min_side(context.images.get("image"), "image")
     if method in ("reference", "ip_adapter") and request.reference_image is None:
         raise StudioInputError(f"method {request.method!r} needs a reference_image (the image whose style to take)")
@@ -80,16 +95,43 @@ def check_inputs(request: StyleTransferRequest, context: TaskContext) -> None:
     if method == "reference" and request.style_strength == 0:
         context.warnings.append("style_strength is 0: the reference image is not used")
     if method == "ip_adapter":
-        ip_adapter_config(context.settings)  # not configured or missing files: a clear error, before loading
+        ip_adapter_config(context.settings, request.model)  # none or missing files: a clear error, before loading
 
 
 # --------------------------------------------------------------------------- IP-Adapter (local weights only)
 
 
-def ip_adapter_config(settings) -> dict:
-    """Where the user's IP-Adapter weights are (Settings.add_ons: a local folder, never downloaded)."""
+SHIPPED_IP_ADAPTER = "ip_adapter"  # a model folder's own IP-Adapter: this sub-folder, holding one .safetensors
+SHIPPED_IMAGE_ENCODER = "clip_image_encoder"  # its image encoder, when the sub-folder has no image_encoder/
+
+
+def shipped_ip_adapter(settings, model: str | None) -> dict | None:
+    """The IP-Adapter a model's own folder ships (`ip_adapter/`), found without loading; None without one."""
+    from studio.models import config_folder, resolve_model_ref
+
+    try:
+        folder = config_folder(resolve_model_ref(model, settings))
+    except StudioInputError:
+        return None  # reported when the task loads the model
+    adapter = folder / SHIPPED_IP_ADAPTER if folder is not None else None
+    if adapter is None or not adapter.is_dir():
+        return None
+    weights = sorted(adapter.glob("*.safetensors"))
+    encoder = adapter / "image_encoder"
+    if not (encoder / "config.json").is_file():
+        encoder = folder / SHIPPED_IMAGE_ENCODER
+    if len(weights) != 1 or not (encoder / "config.json").is_file():
+        return None
+    return {"folder": str(adapter), "subfolder": "", "weight_name": weights[0].name, "image_encoder_folder": str(encoder)}
+
+
+def ip_adapter_config(settings, model: str | None) -> dict:
+    """Where the IP-Adapter's weights are: the user's folder (Settings.add_ons), else the model's own."""
     folder = settings.add_ons.ip_adapter
     if folder is None:
+        shipped = shipped_ip_adapter(settings, model)
+        if shipped is not None:
+            return shipped
         raise StudioInputError(
             "method 'ip_adapter' needs IP-Adapter weights on this machine, and none are configured: start the "
             "studio with --ip-adapter FOLDER (or STUDIO_IP_ADAPTER), a local folder holding the adapter "
@@ -125,8 +167,13 @@ class ip_adapter_loaded:
         self.pipe, self.config, self.scale = pipe, config, scale
 
     def __enter__(self):
+        from transformers import CLIPImageProcessor
+
         unet = self.pipe.unet
         self.saved = (dict(unet.attn_processors), unet.encoder_hid_proj, unet.config.get("encoder_hid_dim_type"))
+        preprocessor = Path(self.config["image_encoder_folder"]) / "preprocessor_config.json"
+        if preprocessor.is_file():  # the encoder's own resize and normalisation (else diffusers' CLIP defaults)
+            self.pipe.feature_extractor = CLIPImageProcessor.from_pretrained(preprocessor.parent)
         self.pipe.load_ip_adapter(
             self.config["folder"],
             subfolder=self.config["subfolder"],
@@ -165,7 +212,7 @@ def run(request: StyleTransferRequest, context: TaskContext, seeds: list[int], p
         warn_if_truncated,
     )
 
-    method = resolve_method(request)
+    method = resolve_method(request, context.settings)
 
     # 1. load the model (cached) and derive its image-to-image pipeline with a fresh sampler
     loaded = context.models.get(request.model)
@@ -194,12 +241,15 @@ def run(request: StyleTransferRequest, context: TaskContext, seeds: list[int], p
     if method == "reference" and request.style_strength > 0:
         output = _run_reference(request, context, loaded, pipeline_class, scheduler, call)
     elif method == "ip_adapter":
-        config = ip_adapter_config(context.settings)
+        config = ip_adapter_config(context.settings, request.model)
+        if request.method == "auto":
+            context.progress.note("style taken from the reference image by the model's own IP-Adapter")
         pipe = context.models.derive(loaded, pipeline_class, scheduler=scheduler)
         pipe = for_sampling(context, loaded, pipe, request)  # prompt syntax, LoRAs, step cache: this call only
         reference = flatten(context.images["reference_image"])
         with ip_adapter_loaded(pipe, config, request.style_strength):
-            output = pipe(ip_adapter_image=reference, **call)
+            embeds = style_image_embeds(pipe, reference, request.guidance_scale > 1, request.style_guidance)
+            output = pipe(ip_adapter_image_embeds=embeds, **call)
     else:
         pipe = context.models.derive(loaded, pipeline_class, scheduler=scheduler)
         pipe = for_sampling(context, loaded, pipe, request)
@@ -208,6 +258,21 @@ def run(request: StyleTransferRequest, context: TaskContext, seeds: list[int], p
 
     # 4. decode with the shared VAE, refusing non-finite pixels
     return to_pil(decode_latents(loaded.pipe, output.images, context.progress))
+
+
+def style_image_embeds(pipe, reference, guided: bool, style_guidance: bool) -> list:
+    """The style image's embedding as the pipeline takes it precomputed ([unconditional, conditional] under
+    guidance). Unguided style (style_guidance off): the image in both halves, so that guidance amplifies
+    only what the prompt asks; with an empty prompt that is the image at style_strength, unamplified."""
+    import torch
+    from diffusers.models.embeddings import ImageProjection
+
+    # IP-Adapter Plus and its kin read the encoder's hidden states, the plain adapter its pooled embedding
+    hidden_states = not isinstance(pipe.unet.encoder_hid_proj.image_projection_layers[0], ImageProjection)
+    embeds, unconditional = pipe.encode_image(reference, pipe.unet.device, 1, hidden_states)
+    if not guided:
+        return [embeds[None]]
+    return [torch.cat([(unconditional if style_guidance else embeds)[None], embeds[None]])]
 
 
 def _run_reference(request, context, loaded, pipeline_class, scheduler, call):

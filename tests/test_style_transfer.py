@@ -227,6 +227,35 @@ def test_ip_adapter_with_local_weights_runs_and_puts_the_model_back(sd15_folder,
     assert np.array_equal(pixels(again.images[0]), pixels(plain.images[0]))
 
 
+def test_a_model_that_ships_an_ip_adapter_uses_it_for_auto_with_a_reference(sd15_folder, inputs, tmp_path):
+    """A model folder's own ip_adapter/ (as the embedded model ships) is what "auto" takes for a style image."""
+    import shutil
+
+    from studio import Settings, Studio
+
+    model = tmp_path / "model-with-adapter"
+    shutil.copytree(sd15_folder, model)
+    studio = Studio(Settings(model=str(model)))
+    save_tiny_ip_adapter(model / "ip_adapter", studio.models.get(None).pipe.unet)
+    kwargs = dict(seed=2, num_inference_steps=STEPS)
+    auto = studio.style_transfer("a circle", inputs["image"], reference_image=inputs["reference"], **kwargs)
+    adapter = studio.style_transfer("a circle", inputs["image"], reference_image=inputs["reference"], method="ip_adapter", **kwargs)
+    attention = studio.style_transfer("a circle", inputs["image"], reference_image=inputs["reference"], method="reference", **kwargs)
+    assert np.array_equal(pixels(auto.images[0]), pixels(adapter.images[0]))
+    assert np.abs(pixels(auto.images[0]) - pixels(attention.images[0])).mean() > 0.3
+    assert auto.request.method == "auto" and any("IP-Adapter" in note for note in auto.notes)
+    # Without a reference image, auto is still the prompt method.
+    plain = studio.style_transfer("a circle", inputs["image"], **kwargs)
+    assert np.array_equal(pixels(plain.images[0]), pixels(studio.style_transfer("a circle", inputs["image"], method="prompt", **kwargs).images[0]))
+    (model / "ip_adapter" / "ip-adapter_tiny.safetensors").rename(model / "ip_adapter" / "broken.bin")
+    with pytest.raises(StudioInputError, match="needs IP-Adapter weights"):  # no weights left: named, before loading
+        studio.style_transfer("a circle", inputs["image"], reference_image=inputs["reference"], method="ip_adapter", **kwargs)
+    assert np.array_equal(  # and auto falls back to the attention path
+        pixels(studio.style_transfer("a circle", inputs["image"], reference_image=inputs["reference"], **kwargs).images[0]),
+        pixels(attention.images[0]),
+    )
+
+
 def test_warnings_for_ignored_reference_and_empty_prompt(studio, inputs):
     result = studio.style_transfer("", inputs["image"], reference_image=inputs["reference"], method="prompt", seed=1,
                                    num_inference_steps=STEPS)
@@ -335,3 +364,20 @@ def test_embedded_restyles_a_solid_circle_to_stripes_in_place(tmp_path):
     # (mixing ~0; dots ~0.5). Ask for 4 transitions, mixing below 0.35 and the silhouette kept (IoU >= 0.6).
     passed = [transitions >= 4 and mixing < 0.35 and overlap >= 0.6 for transitions, mixing, overlap in outcomes]
     assert sum(passed) >= 2, outcomes  # (transitions, row mixing, IoU) per seed
+
+
+@needs_embedded
+@pytest.mark.embedded_quality
+def test_embedded_restyles_by_a_reference_image_at_its_defaults():
+    """Style by a reference image (its shipped IP-Adapter, at the model's recommended settings) on ten
+    held-out EditEval scenes: the reference's fill on the input's object, colour, shape, place and size kept."""
+    from studio import Settings, Studio
+    from studio.demo.edit_eval import make_cases, score_style
+
+    studio = Studio(Settings(model="embedded"))
+    passed = []
+    for case in make_cases("style_reference", 10):
+        result = studio.style_transfer(case.prompt, case.images["image"], reference_image=case.images["reference_image"], seed=case.index)
+        passed.append(score_style(result.images[0], case.info["object"], case.info["fill"])["success"])
+    assert result.request.method == "auto" and any("IP-Adapter" in note for note in result.notes)
+    assert sum(passed) >= 6, passed  # 7 of these 10 at the shipped settings; 0.66 on 50 scenes (EditEval)
