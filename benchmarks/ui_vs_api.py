@@ -4,15 +4,18 @@
     python benchmarks/ui_vs_api.py --repeats 8 --server inprocess
 
 One 64x64 image at the embedded model's defaults (its studio.json: 20 steps, CFG 5, step caching every 2),
-the same prompt and seeds both ways:
-  api  `Studio.run` + `Result.save` in this process (what the CLI does: the PNG is written)
-  ui   `gradio_client` calling the served app's /text_to_image as the page's Run does: the queue, live
-       previews streamed while it samples, the PNG written and downloaded by the client
-Runs alternate (api, ui, api, ui, ...) after one warm-up each, so both see the same machine load; the
-median of each and their ratio are printed, with the machine's load average, and both results' recorded
-settings (the two paths must render the same request). On a busy machine the render time itself varies
+the same prompt and seeds every way:
+  api      `Studio.run` + `Result.save` in this process (what the CLI does: the PNG is written)
+  browser  the page in Chromium (Playwright): set the seed, click Run, until the status says "Saved" and the
+           result image has loaded; timed inside the page, from the click (what a user waits)
+  client   `gradio_client` calling the served app's /text_to_image, as an HTTP API script does: the queue,
+           the PNG written and downloaded by the client (which polls its event stream every 50 ms)
+Runs alternate (api, browser, client, api, ...) after one warm-up each, so all see the same machine load;
+the median of each and its ratio to the API's are printed, with the machine's load average, and the
+results' recorded settings (the paths must render the same request). The browser is skipped when
+Playwright or /usr/bin/chromium is missing. On a busy machine the render time itself varies
 several-fold from run to run, so the UI's own overhead is printed too: the client's wall time minus the
-render time the server reports on its status line (the queue, previews, HTTP and the download). `--server subprocess` (default) serves the UI with
+render time the server reports on its status line (the queue, previews, HTTP and the download), for each UI path. `--server subprocess` (default) serves the UI with
 `python app.py` as a user starts it; `inprocess` serves `studio.ui.build_app` on this process's Studio.
 """
 
@@ -56,6 +59,60 @@ def serve_inprocess(studio, settings):
     return url, demo
 
 
+CHROMIUM = Path("/usr/bin/chromium")
+# In the page: click Run, then wait until the status names a new saved PNG and the gallery shows it, loaded.
+CLICK_AND_WAIT = """async () => {
+  const status = document.querySelector('#text_to_image-status');
+  const savedName = () => (status.innerText.match(/Saved .* in [\\d.]+ s: (\\S+\\.png)/) || [])[1];
+  const before = savedName();
+  const started = performance.now();
+  document.querySelector('#text_to_image-run').click();
+  return await new Promise((resolve, reject) => {
+    const shown = () => {
+      const name = savedName();
+      if (!name || name === before) return false;
+      const image = document.querySelector('#text_to_image-gallery img');
+      return image && image.complete && image.naturalWidth > 0 && image.src.endsWith('/' + name);
+    };
+    const check = () => {
+      if (shown()) { clearInterval(timer); observer.disconnect(); resolve([performance.now() - started, status.innerText]); }
+      else if (document.querySelector('.toast-body')) { clearInterval(timer); reject(document.querySelector('.toast-body').innerText); }
+    };
+    const observer = new MutationObserver(check);
+    observer.observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true});
+    const timer = setInterval(check, 2);  // an image's load fires no mutation
+  });
+}"""
+
+
+def open_browser(url: str):
+    """(playwright, browser, page) on the served page, or None without Playwright or Chromium."""
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        return None
+    if not CHROMIUM.exists():
+        return None
+    playwright = sync_playwright().start()
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox", "--disable-gpu"])
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url)
+    page.wait_for_selector("#text_to_image-run")
+    page.locator("#text_to_image-prompt textarea").fill(PROMPT)
+    return playwright, browser, page
+
+
+def set_seed(page, seed: int) -> None:
+    box = page.locator("#text_to_image-seed input[type=number]").first
+    for _ in range(20):
+        box.fill(str(seed))
+        box.press("Enter")
+        page.wait_for_timeout(50)
+        if box.input_value() == str(seed):
+            return
+    raise RuntimeError(f"the seed box did not take {seed}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
@@ -82,50 +139,76 @@ def main(argv: list[str] | None = None) -> int:
     client = Client(url, verbose=False, download_files=str(work / "downloads"), analytics_enabled=False)
 
     recorded = {}
-    rendered: list[float] = []  # the UI's own render time per run, from its status line ("Saved 1 image in 1.1 s")
 
     def api(seed: int) -> None:
-        result = studio.text_to_image(prompt=PROMPT, seed=seed, width=64, height=64)
+        result = studio.text_to_image(prompt=PROMPT, seed=seed)  # the model's own size, as the page's default
         path = result.save(work / "api" / f"api-{seed}.png")[0]
         recorded["api"] = read_record(path).request
 
-    def ui(seed: int) -> None:
-        gallery, _, status = client.predict(prompt=PROMPT, seed=seed, width=64, height=64, api_name="/text_to_image")
-        recorded["ui"] = read_record(Path(gallery[0]["image"])).request
-        rendered.append(float(re.search(r"in ([\d.]+) s", status).group(1)))
+    def client_run(seed: int) -> float:
+        started = time.perf_counter()
+        gallery, _, status = client.predict(prompt=PROMPT, seed=seed, api_name="/text_to_image")
+        wall = time.perf_counter() - started
+        recorded["client"] = read_record(Path(gallery[0]["image"])).request
+        rendered["client"].append(float(re.search(r"in ([\d.]+) s", status).group(1)))
+        return wall
 
-    api(1), ui(1)  # warm-up: the model loaded both ways, first-call costs paid
-    times: dict[str, list[float]] = {"api": [], "ui": []}
+    browser = open_browser(url)
+
+    def browser_run(seed: int) -> float:
+        page = browser[2]
+        set_seed(page, seed)
+        milliseconds, status = page.evaluate(CLICK_AND_WAIT)
+        name = re.search(r"(\S+\.png)", status).group(1).strip("`")
+        recorded["browser"] = read_record(next((work / "ui").rglob(name))).request
+        rendered["browser"].append(float(re.search(r"in ([\d.]+) s", status).group(1)))
+        return milliseconds / 1000
+
+    def api_run(seed: int) -> float:
+        started = time.perf_counter()
+        api(seed)
+        return time.perf_counter() - started
+
+    paths = {"api": api_run, "browser": browser_run, "client": client_run}
+    if browser is None:
+        print("  (no Playwright or /usr/bin/chromium: the browser is skipped)")
+        del paths["browser"]
+    rendered = {name: [] for name in paths}
+    for run in paths.values():
+        run(1)  # warm-up: the model loaded every way, first-call costs paid
+    times: dict[str, list[float]] = {name: [] for name in paths}
     for repeat in range(args.repeats):
-        for name, run in (("api", api), ("ui", ui)):
-            started = time.perf_counter()
-            run(100 + repeat)
-            times[name].append(time.perf_counter() - started)
+        for name, run in paths.items():
+            times[name].append(run(100 + repeat))
 
+    if browser is not None:
+        browser[1].close()
+        browser[0].stop()
     if args.server == "subprocess":
         server.terminate()
         server.wait(timeout=30)
     else:
         server.close()
-    api_median, ui_median = statistics.median(times["api"]), statistics.median(times["ui"])
-    same = {k: v for k, v in recorded["api"].model_dump().items() if k != "seed"} == {
-        k: v for k, v in recorded["ui"].model_dump().items() if k != "seed"
-    }
     request = recorded["api"]
     print(
         f"one 64x64 image, embedded model, {request.num_inference_steps} steps, CFG {request.guidance_scale:g}, "
         f"cache_interval {request.cache_interval}; UI server: {args.server}; load average "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}"
     )
-    print(f"  same request both ways: {same}")
-    for name in ("api", "ui"):
-        print(f"  {name:3s}  median {statistics.median(times[name]):.3f} s   runs " + " ".join(f"{t:.3f}" for t in times[name]))
-    overhead = [wall - render for wall, render in zip(times["ui"], rendered[-args.repeats :])]
-    print(f"  ratio ui/api: {ui_median / api_median:.2f}")
-    print(
-        f"  the UI's own overhead (client wall time - the server's render time): median {statistics.median(overhead):.3f} s,"
-        f" runs " + " ".join(f"{t:.3f}" for t in overhead)
-    )
+    unseeded = {name: {k: v for k, v in record.model_dump().items() if k != "seed"} for name, record in recorded.items()}
+    print(f"  same request every way: {all(fields == unseeded['api'] for fields in unseeded.values())}")
+    api_median = statistics.median(times["api"])
+    for name, runs in times.items():
+        ratio = "" if name == "api" else f"   ratio to api {statistics.median(runs) / api_median:.2f}"
+        print(f"  {name:7s}  median {statistics.median(runs):.3f} s{ratio}   runs " + " ".join(f"{t:.3f}" for t in runs))
+    for name in rendered:
+        if name == "api":
+            continue
+        overhead = [wall - render for wall, render in zip(times[name], rendered[name][-args.repeats :])]
+        print(
+            f"  {name}'s own overhead (wall time - the server's render time): median {statistics.median(overhead):.3f} s,"
+            f" runs " + " ".join(f"{t:.3f}" for t in overhead)
+        )
     return 0
 
 

@@ -258,20 +258,13 @@ def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
             what = "draw or upload a sketch" if sketches else "add an image"
             raise gr.Error(f"{tab.spec.title}: {what} first ({labels})", print_exception=False)
 
-    # The browser's run: checked at once (a toast on this tab), a stale status ("Cancelled.") cleared, then
-    # queued for the device. API clients call the last step, `/<task>`, directly (its own checks answer them).
-    tab.run_event = gr.on(
-        [run_button.click, tab.inputs["prompt"].submit],
-        check,
-        [tab.inputs[name] for name in images],
-        None,  # its message is one toast; the status line is left as it is
-        api_visibility="private",
-        show_progress="hidden",
-        concurrency_limit=None,  # never waits for the device, nor for another check
-    ).success(
-        lambda: "", None, tab.status, queue=False, show_progress="hidden", api_visibility="private"
-    ).success(
-        with_signature(task, parameters, doc, body),
+    # The browser's run: a stale status ("Cancelled.") cleared in the page, then queued for the device. A tab
+    # that needs an image checks it first (at once, never waiting for the device, a toast on this tab); that
+    # costs a round trip, so a tab without required images goes straight to the queue. API clients call
+    # `/<task>` directly (its own checks answer them).
+    triggers = [run_button.click, tab.inputs["prompt"].submit]
+    run = dict(
+        fn=with_signature(task, parameters, doc, body),
         inputs=[tab.inputs[name] for name in parameters] + [history],
         outputs=outputs,
         api_name=task,
@@ -279,6 +272,21 @@ def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
         concurrency_limit=1,
         show_progress_on=[tab.status],  # never over the gallery: it keeps the last preview until the next
     )
+    if tab.spec.required_images:
+        checked = gr.on(  # its refusal leaves the status line as it is
+            triggers,
+            check,
+            [tab.inputs[name] for name in images],
+            None,
+            api_visibility="private",
+            show_progress="hidden",
+            concurrency_limit=None,  # never waits for the device, nor for another check
+        )
+        checked.success(None, None, tab.status, js="() => ''", api_visibility="private")
+        tab.run_event = checked.success(**run)
+    else:
+        gr.on(triggers, None, None, tab.status, js="() => ''", api_visibility="private")
+        tab.run_event = gr.on(triggers, **run)
     gallery.select(_selected_index, None, tab.selected, queue=False, api_visibility="private")
     tab.run_event.then(lambda: None, None, tab.selected, queue=False, api_visibility="private")
     tab.random_seed.click(lambda: -1, None, tab.inputs["seed"], queue=False, api_visibility="private")
