@@ -28,7 +28,7 @@ RUNS = {  # tab id -> (prompt, {image widget id: input image name})
     "text_to_image": ("a blue square above a yellow triangle on a black background", {}),
     "sketch_to_image": ("a green square on the right", {"control_image": "sketch"}),
     "inpaint": ("a yellow triangle", {"image": "scene"}),  # the mask is painted with the brush
-    "style_transfer": ("a large red circle on the left, striped", {"image": "scene"}),
+    "style_transfer": ("", {"image": "scene", "reference_image": "reference"}),  # the style image's fill
     "imagic": ("a large blue circle on the left on a white background", {"image": "scene"}),
 }
 
@@ -38,8 +38,10 @@ MASK_BOX = (36, 18, 60, 44)  # inpaint: an empty place right of the scene's circ
 
 def inputs(folder: Path) -> dict[str, Path]:
     scene = world.scene_from_prompt(SCENE, random.Random(0))
-    paths = {name: folder / f"{name}.png" for name in ("scene", "sketch")}
+    paths = {name: folder / f"{name}.png" for name in ("scene", "sketch", "reference")}
     world.render(scene, 64).save(paths["scene"])
+    reference = world.scene_from_prompt("a small striped blue square on the right on a white background", random.Random(2))
+    world.render(reference, 64).save(paths["reference"])
     world.render_sketch(world.scene_from_prompt("a green square on the right", random.Random(1)), 64).save(paths["sketch"])
     return paths
 
