@@ -1,6 +1,6 @@
 """Style transfer: restyle an image, keeping its layout.
 
-Three methods (request.method; "auto" = "reference" when a reference_image is given, else "prompt"):
+Three methods (request.method; "auto" is described below):
 
 - prompt: image-to-image (SDEdit) with `strength`: the image is noised part of the way and denoised
   towards the prompt, so the layout stays and the look follows the text.
@@ -15,6 +15,9 @@ Three methods (request.method; "auto" = "reference" when a reference_image is gi
   (`Settings.add_ons.ip_adapter`) holding the adapter .safetensors and its image_encoder/, or else the
   one the model ships in its own `ip_adapter/` folder (the embedded model does: trained by
   `studio.demo.train_ip_adapter` to carry a reference's fill). Nothing is ever downloaded.
+  `style_guidance` off puts the style image in both halves of classifier-free guidance, so that
+  guidance amplifies only the prompt (the embedded model's adapter needs that: amplified, the fill's
+  contrast shifts the colours).
 
 "auto" with a reference image takes the model's own IP-Adapter when it ships one, else "reference".
 

@@ -1,6 +1,6 @@
 """Train the embedded model's IP-Adapter: style by a reference image (its fill) on a kept layout.
 
-    python -m studio.demo.train_ip_adapter [--steps 3000] [--work .train-ip] [--out assets/embedded-model/ip_adapter]
+    python -m studio.demo.train_ip_adapter [--steps 3500] [--batch 32] [--work .train-ip] [--out assets/embedded-model/ip_adapter]
 
 An IP-Adapter (Ye et al. 2023: the reference's CLIP image embedding projected to 4 tokens, read by a
 second key/value pair in every cross-attention layer; the UNet, text and image encoders frozen) learns
@@ -33,10 +33,9 @@ WEIGHT_NAME = "ip-adapter.safetensors"
 FILLS = ("solid", "outline", "striped", "dotted")
 MAX_TIMESTEP = 800  # train on t < 800: image-to-image at strength <= 0.8 starts below it
 EDIT_TIMESTEPS = (300, 700)  # the edit half: where image-to-image at strength 0.3-0.7 starts
-CAPTION_RATE = 0.5  # half the steps see the target's caption without its fill word, half an empty prompt
-# Steps without the style image (a zero embedding, what diffusers passes for classifier-free guidance's
-# unconditional half) target the solid scene, the world's fill when none is said: guidance then pushes
-# from solid towards the reference's fill only, instead of amplifying an average fill's paler colours.
+CAPTION_RATE = 0.5  # half the samples have the target's caption without its fill word, half an empty prompt
+# Samples without the style image (a zero embedding, what diffusers passes for classifier-free guidance's
+# unconditional half) target the solid scene: no style image means the world's fill when none is said.
 IMAGE_DROP_RATE = 0.15
 CHECKPOINT_EVERY = 250
 
@@ -209,8 +208,8 @@ def train(steps: int, batch: int, lr: float, seed: int, work: Path, out: Path) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--steps", type=int, default=3000, help="training steps")
-    parser.add_argument("--batch", type=int, default=16, help="triples per step")
+    parser.add_argument("--steps", type=int, default=3500, help="training steps")
+    parser.add_argument("--batch", type=int, default=32, help="triples per step")
     parser.add_argument("--lr", type=float, default=3e-4, help="AdamW learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seed of the scenes, noise and adapter init")
     parser.add_argument("--work", type=Path, default=Path(".train-ip"), help="checkpoints (resumed from)")
