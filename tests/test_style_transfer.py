@@ -256,6 +256,26 @@ def test_a_model_that_ships_an_ip_adapter_uses_it_for_auto_with_a_reference(sd15
     )
 
 
+def test_style_guidance_off_keeps_guidance_from_amplifying_the_style_image(sd15_folder, inputs, tmp_path):
+    """With an empty prompt and the style image in both halves of guidance, CFG 7 renders what no guidance
+    renders; with style_guidance on (diffusers' way) guidance amplifies the image and the pixels differ."""
+    from studio import Settings, Studio
+
+    plain_studio = Studio(Settings(model=str(sd15_folder)))
+    adapter = save_tiny_ip_adapter(tmp_path / "ip-adapter", plain_studio.models.get(None).pipe.unet)
+    studio = Studio(Settings(model=str(sd15_folder), add_ons=AddOns(ip_adapter=adapter)))
+    kwargs = dict(reference_image=inputs["reference"], method="ip_adapter", seed=4, num_inference_steps=STEPS)
+
+    def render(**fields):
+        return pixels(studio.style_transfer("", inputs["image"], **kwargs, **fields).images[0])
+
+    unguided = render(guidance_scale=1.0)
+    off = render(guidance_scale=7.0, style_guidance=False)
+    on = render(guidance_scale=7.0, style_guidance=True)
+    assert np.abs(off - unguided).max() <= 2  # the same image (up to batched float rounding)
+    assert np.abs(on - unguided).mean() > 1.0
+
+
 def test_warnings_for_ignored_reference_and_empty_prompt(studio, inputs):
     result = studio.style_transfer("", inputs["image"], reference_image=inputs["reference"], method="prompt", seed=1,
                                    num_inference_steps=STEPS)
