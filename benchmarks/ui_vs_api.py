@@ -102,15 +102,15 @@ def open_browser(url: str):
     return playwright, browser, page
 
 
-def set_seed(page, seed: int) -> None:
-    box = page.locator("#text_to_image-seed input[type=number]").first
+def set_number(page, elem_id: str, value: int) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]").first
     for _ in range(20):
-        box.fill(str(seed))
+        box.fill(str(value))
         box.press("Enter")
         page.wait_for_timeout(50)
-        if box.input_value() == str(seed):
+        if box.input_value() == str(value):
             return
-    raise RuntimeError(f"the seed box did not take {seed}")
+    raise RuntimeError(f"#{elem_id} did not take {value}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--server", choices=("subprocess", "inprocess"), default="subprocess")
     parser.add_argument("--threads", type=int, default=None, help="torch threads, both ways (default: torch's)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps, every way (default: the model's)")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -139,25 +140,28 @@ def main(argv: list[str] | None = None) -> int:
     client = Client(url, verbose=False, download_files=str(work / "downloads"), analytics_enabled=False)
 
     recorded = {}
+    steps = {"num_inference_steps": args.steps} if args.steps else {}
 
     def api(seed: int) -> None:
-        result = studio.text_to_image(prompt=PROMPT, seed=seed)  # the model's own size, as the page's default
+        result = studio.text_to_image(prompt=PROMPT, seed=seed, **steps)  # the model's own size, as the page's
         path = result.save(work / "api" / f"api-{seed}.png")[0]
         recorded["api"] = read_record(path).request
 
     def client_run(seed: int) -> float:
         started = time.perf_counter()
-        gallery, _, status = client.predict(prompt=PROMPT, seed=seed, api_name="/text_to_image")
+        gallery, _, status = client.predict(prompt=PROMPT, seed=seed, api_name="/text_to_image", **steps)
         wall = time.perf_counter() - started
         recorded["client"] = read_record(Path(gallery[0]["image"])).request
         rendered["client"].append(float(re.search(r"in ([\d.]+) s", status).group(1)))
         return wall
 
     browser = open_browser(url)
+    if browser is not None and args.steps:
+        set_number(browser[2], "text_to_image-num_inference_steps", args.steps)
 
     def browser_run(seed: int) -> float:
         page = browser[2]
-        set_seed(page, seed)
+        set_number(page, "text_to_image-seed", seed)
         milliseconds, status = page.evaluate(CLICK_AND_WAIT)
         name = re.search(r"(\S+\.png)", status).group(1).strip("`")
         recorded["browser"] = read_record(next((work / "ui").rglob(name))).request
