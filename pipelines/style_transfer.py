@@ -81,8 +81,9 @@ def resolve_method(request: StyleTransferRequest, settings) -> str:
     return "ip_adapter" if shipped_ip_adapter(settings, request.model) is not None else "reference"
 
 
-def check_inputs(request: StyleTransferRequest, context: TaskContext) -> None:
-    """Checks the schema cannot express; runs before any model is loaded."""
+def check_inputs(request: StyleTransferRequest, context: TaskContext) -> tuple[str, dict | None]:
+    """Checks the schema cannot express; runs before any model is loaded. Returns the plan `run` follows:
+    the method ("auto" resolved) and, for ip_adapter, where its weights are."""
     check_task(request, "style_transfer")
     method = resolve_method(request, context.settings)
     check_min_side(context.images.get("image"), "image")
@@ -97,8 +98,8 @@ def check_inputs(request: StyleTransferRequest, context: TaskContext) -> None:
         context.warnings.append("the prompt is empty: method 'prompt' restyles towards nothing in particular")
     if method == "reference" and request.style_strength == 0:
         context.warnings.append("style_strength is 0: the reference image is not used")
-    if method == "ip_adapter":
-        ip_adapter_config(context.settings, request.model)  # none or missing files: a clear error, before loading
+    # ip_adapter without weights, or with files missing: a clear error, before loading
+    return method, ip_adapter_config(context.settings, request.model) if method == "ip_adapter" else None
 
 
 # --------------------------------------------------------------------------- IP-Adapter (local weights only)
@@ -215,7 +216,7 @@ def run(request: StyleTransferRequest, context: TaskContext, seeds: list[int], p
         warn_if_truncated,
     )
 
-    method = resolve_method(request, context.settings)
+    method, adapter = plan or check_inputs(request, context)
 
     # 1. load the model (cached) and derive its image-to-image pipeline with a fresh sampler
     loaded = context.models.get(request.model)
@@ -244,13 +245,12 @@ def run(request: StyleTransferRequest, context: TaskContext, seeds: list[int], p
     if method == "reference" and request.style_strength > 0:
         output = _run_reference(request, context, loaded, pipeline_class, scheduler, call)
     elif method == "ip_adapter":
-        config = ip_adapter_config(context.settings, request.model)
         if request.method == "auto":
             context.progress.note("style taken from the reference image by the model's own IP-Adapter")
         pipe = context.models.derive(loaded, pipeline_class, scheduler=scheduler)
         pipe = for_sampling(context, loaded, pipe, request)  # prompt syntax, LoRAs, step cache: this call only
         reference = flatten(context.images["reference_image"])
-        with ip_adapter_loaded(pipe, config, request.style_strength):
+        with ip_adapter_loaded(pipe, adapter, request.style_strength):
             embeds = style_image_embeds(pipe, reference, request.guidance_scale > 1, request.style_guidance)
             output = pipe(ip_adapter_image_embeds=embeds, **call)
     else:

@@ -43,10 +43,10 @@ CHECKPOINT_EVERY = 250
 def triple(rng: random.Random):
     """(target scene, reference scene, prompt): every target object in the reference's fill."""
     from studio.demo import world
-    from studio.demo.edit_eval import _one_object, _scene, caption
+    from studio.demo.edit_eval import _background, _one_object, _scene, caption
 
     while True:
-        background = rng.choices(list(world.BACKGROUNDS), weights=(2, 1, 1))[0]
+        background = _background(rng)
         fill = rng.choice(FILLS)
         if rng.random() < 0.75:
             obj = _one_object(rng, background, fill=fill)
@@ -80,7 +80,7 @@ def initial_adapter(unet, generator):
         "norm.bias": torch.zeros(dim),
     }
     ip_adapter, key_id = {}, 1
-    for name, module in unet.attn_processors.items():
+    for name in unet.attn_processors:
         if name.endswith("attn2.processor"):
             attention = unet.get_submodule(name.removesuffix(".processor"))
             ip_adapter[f"{key_id}.to_k_ip.weight"] = attention.to_k.weight.detach().clone()
@@ -116,7 +116,7 @@ def train(steps: int, batch: int, lr: float, seed: int, work: Path, out: Path) -
     import numpy as np
     import torch
     from diffusers import DDPMScheduler, StableDiffusionPipeline
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
     from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
     from studio.demo import world
@@ -196,11 +196,10 @@ def train(steps: int, batch: int, lr: float, seed: int, work: Path, out: Path) -
         if (step + 1) % CHECKPOINT_EVERY == 0 or step + 1 == steps:
             torch.save({"params": [p.detach() for p in params], "optimiser": optimiser.state_dict(), "step": step + 1}, work / "checkpoint.tmp")
             (work / "checkpoint.tmp").replace(checkpoint)
-            save_file(adapter_state(unet), str(work / WEIGHT_NAME))
+            atomic_write_bytes(work / WEIGHT_NAME, save(adapter_state(unet)))
 
-    # 4. saved in the IP-Adapter layout diffusers' load_ip_adapter reads
+    # 4. the last step's adapter (this run's, or a finished earlier run's), in the IP-Adapter layout
     out.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state(unet), str(work / WEIGHT_NAME))
     atomic_write_bytes(out / WEIGHT_NAME, (work / WEIGHT_NAME).read_bytes())
     load_file(str(out / WEIGHT_NAME))  # reads back
     return out / WEIGHT_NAME
