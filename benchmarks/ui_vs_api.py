@@ -61,26 +61,30 @@ def serve_inprocess(studio, settings):
 
 CHROMIUM = Path("/usr/bin/chromium")
 # In the page: click Run, then wait until the status names a new saved PNG and the gallery shows it, loaded.
+# Watched the way a page is (mutations, the image's load event) and read with textContent: polling, or
+# innerText (which lays the page out), would keep the page busy and slow the render it measures.
 CLICK_AND_WAIT = """async () => {
   const status = document.querySelector('#text_to_image-status');
-  const savedName = () => (status.innerText.match(/Saved .* in [\\d.]+ s: (\\S+\\.png)/) || [])[1];
+  const savedName = () => (status.textContent.match(/Saved .* in [\\d.]+ s: (\\S+\\.png)/) || [])[1];
   const before = savedName();
   const started = performance.now();
   document.querySelector('#text_to_image-run').click();
   return await new Promise((resolve, reject) => {
-    const shown = () => {
-      const name = savedName();
-      if (!name || name === before) return false;
-      const image = document.querySelector('#text_to_image-gallery img');
-      return image && image.complete && image.naturalWidth > 0 && image.src.endsWith('/' + name);
-    };
     const check = () => {
-      if (shown()) { clearInterval(timer); observer.disconnect(); resolve([performance.now() - started, status.innerText]); }
-      else if (document.querySelector('.toast-body')) { clearInterval(timer); reject(document.querySelector('.toast-body').innerText); }
+      const toast = document.querySelector('.toast-body');
+      if (toast) { stop(); reject(toast.textContent); return; }
+      const name = savedName();
+      const image = document.querySelector('#text_to_image-gallery img');
+      if (name && name !== before && image && image.complete && image.naturalWidth > 0 && image.src.endsWith('/' + name)) {
+        stop();
+        resolve([performance.now() - started, status.textContent]);
+      }
     };
     const observer = new MutationObserver(check);
+    const loaded = (event) => { if (event.target.tagName === 'IMG') check(); };
+    const stop = () => { observer.disconnect(); document.removeEventListener('load', loaded, true); };
     observer.observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true});
-    const timer = setInterval(check, 2);  // an image's load fires no mutation
+    document.addEventListener('load', loaded, true);  // an image's load is no mutation; it reaches a capturing listener
   });
 }"""
 

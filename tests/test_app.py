@@ -497,6 +497,7 @@ def test_imagic_estimates_its_time_and_a_second_run_reuses_the_fine_tune(studio,
     from studio.ui.runner import StudioUI
 
     ui = StudioUI(studio, studio.settings.with_(outputs_dir=tmp_path / "outputs"))
+    ui.first_progress_seconds = 0.0  # every stage said: the tiny model trains in less than the UI's hold
     path, _ = _scene(tmp_path)
     fields = {"image": str(path), "prompt": "a red square", "seed": 8, "num_inference_steps": 2,
               "embedding_steps": 6, "finetune_steps": 4, "guidance_scale": 3.0}
@@ -522,6 +523,44 @@ def test_imagic_estimates_its_time_and_a_second_run_reuses_the_fine_tune(studio,
     assert REUSED_NOTE in second.notes
     assert not any((d or "").startswith(("imagic: embedding", "imagic: fine-tune")) for d in said), said
     assert np.array_equal(np.asarray(Image.open(paths[0])), np.asarray(Image.open(again[0])))
+
+
+class SteppingStudio(BlockingStudio):
+    """Reports `steps` sampling steps, `step_seconds` apart, then renders the request for real."""
+
+    def __init__(self, real, steps: int, step_seconds: float):
+        super().__init__(real)
+        self.steps, self.step_seconds = steps, step_seconds
+
+    def run(self, request, progress):
+        for step in range(1, self.steps + 1):
+            time.sleep(self.step_seconds)
+            progress.update("sampling", step, self.steps)
+        return self.real.run(request, None)
+
+
+def test_progress_waits_until_a_job_has_run_a_moment_then_says_the_latest(studio, tmp_path):
+    """A job's first moments send no progress messages (each costs the page a re-render of every loading
+    state, and the page runs its own timer from the click); the latest one held is said at the hold's end,
+    the later ones at most every PROGRESS_SECONDS, the last step always."""
+    from studio.ui.runner import PROGRESS_SECONDS, StudioUI
+
+    def said_by(steps, step_seconds, hold):
+        ui = StudioUI(SteppingStudio(studio, steps, step_seconds), studio.settings.with_(outputs_dir=tmp_path))
+        ui.first_progress_seconds = hold
+        said, started = [], time.monotonic()
+        stream = ui.stream("text_to_image", {"prompt": "a red circle", "num_inference_steps": 2}, "s",
+                           lambda value, desc=None, unit=None: said.append((time.monotonic() - started, value)))
+        for _ in stream:
+            pass
+        return said
+
+    assert said_by(steps=5, step_seconds=0.01, hold=5.0) == []  # done within the hold: just the result
+    said = said_by(steps=40, step_seconds=0.025, hold=0.3)
+    first_time, (first_step, total) = said[0]
+    assert first_time >= 0.3 and total == 40 and first_step > 1, said  # the latest step then, not the first
+    assert said[-1][1] == (40, 40)
+    assert len(said) <= 2 + 1.0 / PROGRESS_SECONDS, said  # not one per step
 
 
 def test_stage_clock_estimates_from_the_measured_steps_per_second():

@@ -86,7 +86,7 @@ def models_folder_rows(settings) -> list[list[str]]:
     ]
 
 
-def build_models_tab(ui: StudioUI, demo: gr.Blocks, tab: gr.Tab):
+def build_models_tab(ui: StudioUI, tab: gr.Tab):
     def choices():
         from studio.models import list_local_models
 
@@ -224,6 +224,5 @@ def build_models_tab(ui: StudioUI, demo: gr.Blocks, tab: gr.Tab):
     load.click(load_now, None, status, **private, **device_queue)
     listed = [model, status, contents]
     refresh.click(refresh_list, None, listed, **private, queue=False)
-    demo.load(refresh_list, None, listed, **private, queue=False)
-    tab.select(refresh_list, None, listed, **private, queue=False)
+    tab.select(refresh_list, None, listed, **private, queue=False)  # not at page load: see follow_the_model
     return applied  # the task tabs follow the new model's recommendations after it (app.py)

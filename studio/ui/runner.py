@@ -29,7 +29,11 @@ PREVIEW_SECONDS = 0.25  # the least time between two live previews of one job
 # A job that finishes within this shows just its result: each preview costs a decode, a PNG and a message,
 # a tenth of a 64x64 image's time, and nobody reads a preview shown for a fraction of a second.
 FIRST_PREVIEW_SECONDS = 0.5
-PROGRESS_SECONDS = 0.1  # the least time between two progress messages of one stage (its last step always goes)
+# Each progress message costs the page a re-render of every component's loading state (about 12 ms of its
+# main thread, on this 2-core machine, beside the render): a job's first moments show just gradio's own timer,
+# its latest progress shown once it has run this long, and then at most every PROGRESS_SECONDS per stage.
+FIRST_PROGRESS_SECONDS = 0.3
+PROGRESS_SECONDS = 0.25  # the least time between two progress messages of one stage (its last step always goes)
 COST_FIELDS = ("width", "height", "use_lora")  # request fields that change what a step costs (rates kept apart)
 
 
@@ -61,6 +65,7 @@ class StudioUI:
         # (model, task, cost fields) -> {stage: steps/s} measured by the last such run: time estimates
         self.step_rates: dict[tuple, dict[str, float]] = {}
         self.first_preview_seconds = FIRST_PREVIEW_SECONDS  # no live preview before a job has run this long
+        self.first_progress_seconds = FIRST_PROGRESS_SECONDS  # nor a progress message
 
     @property
     def studio(self):
@@ -189,7 +194,7 @@ class StudioUI:
 
         A generator: while the job samples in a worker thread it yields live previews (PIL images, from
         FIRST_PREVIEW_SECONDS into the job, at most every PREVIEW_SECONDS) and reports steps to `progress`
-        (at most every PROGRESS_SECONDS per stage), both from this thread,
+        (from FIRST_PROGRESS_SECONDS, at most every PROGRESS_SECONDS per stage), both from this thread,
         the one gradio gave the event. Closing the generator (the browser went away) cancels the job.
         """
         request = self.studio.tasks.make_request(task, **fields)  # StudioInputError names the bad field and value
@@ -235,11 +240,23 @@ class StudioUI:
 
         worker = threading.Thread(target=work, name=f"studio-{task}", daemon=True)
         worker.start()
+        show_progress_from = started + self.first_progress_seconds
+        held = None  # the latest progress of the job's first moments, not shown yet
         try:
-            while (event := events.get()) is not None:
+            while True:
+                try:
+                    event = events.get(timeout=max(0.0, show_progress_from - time.monotonic()) if held else None)
+                except queue.Empty:  # the job runs on: show where it is
+                    progress(held[0], desc=held[1], unit="steps")
+                    held = None
+                    continue
+                if event is None:
+                    break
                 kind, value, desc = event
                 if kind == "preview":
                     yield value
+                elif time.monotonic() < show_progress_from:
+                    held = value, desc
                 else:
                     progress(value, desc=desc, unit="steps")
         finally:

@@ -213,7 +213,7 @@ def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
             raise gr.Error(str(error), title="Stopped", print_exception=False) from None
         except GenerationCancelled:
             gr.Warning("Cancelled; nothing was finished, so nothing was saved.")
-            yield [], gr.skip(), "Cancelled.", gr.skip(), gr.skip()  # no half-sampled preview left as a result
+            yield [], gr.skip(), "Cancelled.", gr.skip(), gr.skip(), None  # no half-sampled preview left as a result
             return
         except gr.Error:
             raise
@@ -235,13 +235,14 @@ def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
             status,
             add_history([(str(p), f"{tab.spec.command} · {c}") for p, c in zip(paths, captions)], hist),
             kept,
+            None,
         )
 
     doc = (
         f"{tab.spec.title}: {tab.spec.summary}; a `{task}` request from these fields, run on the device. "
         "Returns the PNGs (metadata intact), the seeds used and a status line."
     )
-    outputs = [gallery, seed_used, tab.status, history, last_fields]
+    outputs = [gallery, seed_used, tab.status, history, last_fields, tab.selected]  # a new result: none picked
     images = list(tab.image_inputs)
 
     def check(*values):
@@ -288,7 +289,6 @@ def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
         gr.on(triggers, None, None, tab.status, js="() => ''", api_visibility="private")
         tab.run_event = gr.on(triggers, **run)
     gallery.select(_selected_index, None, tab.selected, queue=False, api_visibility="private")
-    tab.run_event.then(lambda: None, None, tab.selected, queue=False, api_visibility="private")
     tab.random_seed.click(lambda: -1, None, tab.inputs["seed"], queue=False, api_visibility="private")
     tab.reuse_seed.click(
         lambda text: int(text.split(",")[0]) if text else -1,
@@ -316,7 +316,7 @@ def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
         # same image, text and seed; only this field changes.
         def rerender(last, value, hist, request: gr.Request, progress=gr.Progress(), name=name):
             if not last:
-                yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+                yield (gr.skip(),) * 6
                 return
             yield from body({**last, name: value}, hist, request, progress)
 
@@ -501,7 +501,7 @@ def _show_previews(stream):
             image = next(stream)
         except StopIteration as done:
             return done.value
-        yield [(image, "preview")], gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        yield [(image, "preview")], gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
 
 
 # -- "send to": a result of one tab becomes another tab's input image or settings --------------------
