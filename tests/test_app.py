@@ -22,6 +22,7 @@ from PIL import Image
 pytest.importorskip("gradio")
 pytest.importorskip("gradio_client")
 
+import gradio as gr  # noqa: E402
 import httpx  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 
@@ -86,6 +87,17 @@ def test_live_previews_stream_before_the_result(client, served, monkeypatch):
     assert [item["caption"] for item in preview] == ["preview"]
     assert Image.open(preview[0]["image"]).size == (64, 64)  # the tiny model's latents, decoded
     assert outputs[-1][0] == gallery  # then the saved PNGs replace it
+
+
+def test_no_event_keeps_loading_states_on_many_widgets_or_a_layout(served):
+    """The page keeps a loading state for each progress target (by default each output) of every event that
+    has run, and re-renders them all, a layout's with all its children, on each later status message of any
+    event: after one "send to" (the tabs among its outputs) every Run cost the page three times as much. So
+    an event's progress lands on a few widgets at most, never on a layout."""
+    for function in served.demo.fns.values():
+        targets = function.outputs if function.show_progress_on is None else function.show_progress_on
+        layouts = [target for target in targets if isinstance(target, gr.blocks.BlockContext)]
+        assert not layouts and len(targets) <= 5, (function.name, targets)
 
 
 def test_random_seed_is_reported(client):

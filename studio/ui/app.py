@@ -17,6 +17,7 @@ from .models_tab import build_models_tab
 from .png_info_tab import build_png_info_tab
 from .runner import StudioUI, session_key
 from .task_tab import TaskTab, build_task_tab, wire_send_to
+from .widgets import NO_PROGRESS
 
 # Gradio's upload cache (uploads, and copies of the results it served) is swept hourly of files older
 # than a day; inputs the studio stored in outputs/inputs/ are kept longer (runner.INPUT_MAX_AGE).
@@ -79,7 +80,7 @@ def build_app(studio, settings: Settings, *, queue_size: int = server.DEFAULT_QU
             return "", gr.Timer(active=False)
 
         for trigger in (demo.load, model_state_timer.tick):
-            trigger(show_model_state, None, [model_state, model_state_timer], queue=False, api_visibility="private")
+            trigger(show_model_state, None, [model_state, model_state_timer], queue=False, api_visibility="private", **NO_PROGRESS)
         with gr.Tabs() as tabs:
             for spec in ui.tasks:
                 with gr.Tab(spec.title, id=spec.name):
@@ -96,15 +97,16 @@ def build_app(studio, settings: Settings, *, queue_size: int = server.DEFAULT_QU
         with gr.Accordion("History: the newest images of the outputs folder", open=True):
             history_gallery.render()
         # A reloaded page (or a new tab) starts from the outputs folder, newest first.
-        demo.load(ui.recent_outputs, None, history, queue=False, api_visibility="private").then(
-            lambda h: h, history, history_gallery, queue=False, api_visibility="private"
+        show_history = {"fn": lambda h: h, "inputs": history, "outputs": history_gallery, "queue": False}
+        demo.load(ui.recent_outputs, None, history, queue=False, api_visibility="private", **NO_PROGRESS).then(
+            **show_history, api_visibility="private", **NO_PROGRESS
         )
 
         run_tabs = [*task_tabs.values(), batch_tab]
         run_events = [tab.run_event for tab in run_tabs]
         run_events += [event for tab in task_tabs.values() for event in tab.extra_events]
         for event in run_events:
-            event.then(lambda h: h, history, history_gallery, api_visibility="private", queue=False)
+            event.then(**show_history, api_visibility="private", **NO_PROGRESS)
 
         def cancel(request: gr.Request) -> str:
             """Cancel this client's running job after its current step (finished images are kept)."""
@@ -140,7 +142,6 @@ def follow_the_model(ui: StudioUI, demo: gr.Blocks, task_tabs: dict[str, TaskTab
     from studio.recommended import recommendations_for_reference
 
     shown_model = gr.State(ui.settings.model)  # the model whose recommendations this page's widgets show
-    server_model = gr.Textbox(ui.settings.model, visible=False)  # the server's model, as this page last heard
     widgets = [tab.inputs[name] for tab in task_tabs.values() for name in tab.recommendable()]
 
     def follow(shown, *values):
@@ -155,13 +156,10 @@ def follow_the_model(ui: StudioUI, demo: gr.Blocks, task_tabs: dict[str, TaskTab
             start += count
         return updates
 
-    # Through a change of `server_model`, so that the widgets are updated only when the model did change: an
-    # event's outputs stay in the page's loading states, which the page updates on every later status message
-    # of any event (66 widgets made each Run cost the page 50 ms more).
-    private = {"api_visibility": "private", "queue": False}
-    demo.load(lambda: ui.settings.model, None, server_model, show_progress="hidden", **private)
-    model_applied.success(lambda: ui.settings.model, None, server_model, show_progress="hidden", **private)
-    server_model.change(follow, [shown_model, *widgets], [shown_model, *widgets], **private)
+    options = {"inputs": [shown_model, *widgets], "outputs": [shown_model, *widgets], "queue": False}
+    options |= NO_PROGRESS
+    demo.load(follow, **options, api_visibility="private")
+    model_applied.success(follow, **options, api_visibility="private")
 
 
 def launch(

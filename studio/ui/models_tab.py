@@ -12,6 +12,7 @@ from studio.requests import StudioInputError, quote
 from studio.settings import ADD_ON_FOLDERS
 
 from .runner import StudioUI, friendly
+from .widgets import NO_PROGRESS
 
 CONTENT_COLUMNS = ("type", "name", "architecture", "size", "hash", "reference")
 AUTOMATIC_VAE = "Automatic"  # A1111's name for "the model's own VAE"
@@ -42,7 +43,9 @@ def listed_on_open(ui: StudioUI, dropdown: gr.Dropdown, choices) -> gr.Dropdown:
     """`dropdown` lists `choices(settings)` each time it is opened. It starts with its built-in choices only: the
     page is served before torch loads (which telling files apart needs), and the folders may change meanwhile.
     A typed or API value that is not listed is the request's to check (names in the models folders only)."""
-    dropdown.focus(lambda: gr.Dropdown(choices=choices(ui.settings)), None, dropdown, queue=False, api_visibility="private")
+    dropdown.focus(
+        lambda: gr.Dropdown(choices=choices(ui.settings)), None, dropdown, queue=False, api_visibility="private", **NO_PROGRESS
+    )
     return dropdown
 
 
@@ -224,5 +227,5 @@ def build_models_tab(ui: StudioUI, tab: gr.Tab):
     load.click(load_now, None, status, **private, **device_queue)
     listed = [model, status, contents]
     refresh.click(refresh_list, None, listed, **private, queue=False)
-    tab.select(refresh_list, None, listed, **private, queue=False)  # not at page load: see follow_the_model
+    tab.select(refresh_list, None, listed, **private, queue=False, **NO_PROGRESS)  # when shown, not at page load
     return applied  # the task tabs follow the new model's recommendations after it (app.py)

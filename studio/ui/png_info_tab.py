@@ -11,7 +11,7 @@ from studio.requests import StudioInputError
 
 from .runner import StudioUI
 from .task_tab import DEFAULT_SCHEDULER, TaskTab
-from .widgets import uploaded_file
+from .widgets import NO_PROGRESS, uploaded_file
 
 
 def build_png_info_tab(ui: StudioUI, tabs: gr.Tabs, task_tabs: dict[str, TaskTab]) -> None:
@@ -68,7 +68,7 @@ def build_png_info_tab(ui: StudioUI, tabs: gr.Tabs, task_tabs: dict[str, TaskTab
         concurrency_id="info",
         concurrency_limit=4,
     )
-    event.then(send_label, record_state, send, api_visibility="private", queue=False)
+    event.then(send_label, record_state, send, api_visibility="private", queue=False, **NO_PROGRESS)
 
     def send_to(data):
         if not data:
@@ -97,4 +97,4 @@ def build_png_info_tab(ui: StudioUI, tabs: gr.Tabs, task_tabs: dict[str, TaskTab
         return updates
 
     all_widgets = [tabs] + [widget for tab in task_tabs.values() for widget in tab.inputs.values()]
-    send.click(send_to, record_state, all_widgets, api_visibility="private", queue=False)
+    send.click(send_to, record_state, all_widgets, api_visibility="private", queue=False, **NO_PROGRESS)

@@ -21,6 +21,7 @@ from studio.vae import VAE_REFUSED_TASKS
 from .models_tab import upscaler_dropdown, vae_dropdown
 from .runner import StudioUI, add_history, friendly, session_key
 from .widgets import (
+    NO_PROGRESS,
     FieldNumber,
     FieldSlider,
     checked_editor,
@@ -288,14 +289,15 @@ def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
     else:
         gr.on(triggers, None, None, tab.status, js="() => ''", api_visibility="private")
         tab.run_event = gr.on(triggers, **run)
-    gallery.select(_selected_index, None, tab.selected, queue=False, api_visibility="private")
-    tab.random_seed.click(lambda: -1, None, tab.inputs["seed"], queue=False, api_visibility="private")
+    gallery.select(_selected_index, None, tab.selected, queue=False, api_visibility="private", **NO_PROGRESS)
+    tab.random_seed.click(lambda: -1, None, tab.inputs["seed"], queue=False, api_visibility="private", **NO_PROGRESS)
     tab.reuse_seed.click(
         lambda text: int(text.split(",")[0]) if text else -1,
         seed_used,
         tab.inputs["seed"],
         queue=False,
         api_visibility="private",
+        **NO_PROGRESS,
     )
     tab.extra_events = []
     if estimate is not None:
@@ -306,8 +308,8 @@ def build_task_tab(ui: StudioUI, tab: TaskTab, history: gr.State) -> None:
             "inputs": costly,
             "outputs": estimate,
             "queue": False,
-            "show_progress": "hidden",
             "api_visibility": "private",
+            **NO_PROGRESS,
         }
         gr.on([widget.change for widget in costly], **update_estimate)
         tab.run_event.then(**update_estimate)
@@ -577,6 +579,7 @@ def wire_send_to(ui: StudioUI, tabs: gr.Tabs, task_tabs: dict[str, TaskTab]) -> 
                     [tabs, widget],
                     queue=False,
                     api_visibility="private",
+                    **NO_PROGRESS,  # not on the tabs
                 )
             else:
                 widgets = {n: w for n, w in target.inputs.items() if n not in target.image_inputs}
@@ -609,4 +612,5 @@ def wire_send_to(ui: StudioUI, tabs: gr.Tabs, task_tabs: dict[str, TaskTab]) -> 
                     [tabs, *widgets.values()],
                     queue=False,
                     api_visibility="private",
+                    **NO_PROGRESS,
                 )

@@ -14,6 +14,14 @@ from studio import server
 from studio.images import check_image_header, open_image
 from studio.requests import BaseRequest, StudioInputError
 
+# Options for a quick event whose progress nobody needs to see: no loading state on any component. The page
+# keeps one for each progress target (by default each output) of every event that has run, and re-renders
+# them all on each later status message of any event, a layout's with all its children: the 66 widgets that
+# follow the model cost each Run 50 ms of the page's time, a "send to" (the tabs among its outputs) tripled
+# a Run's for the rest of the page's life.
+NO_PROGRESS = {"show_progress": "hidden", "show_progress_on": []}
+
+
 # -- what a widget hands over: checked by the schema, uploads only, headers before decoding --------
 
 
