@@ -9,11 +9,12 @@
 
 Defaults follow the diffusers community script (500 steps at 1e-3, then 1000 at 2e-6), with two
 changes: every training noise and timestep comes from a torch.Generator seeded with the request's
-(first) seed, so a request always gives the same pixels; and the cached model is never touched (no
+`training_seed`, so a request always gives the same pixels; and the cached model is never touched (no
 .grad written to it, no flag changed: gradients are taken with torch.autograd.grad).
 
-Stages 1-2 are cached per (image, prompt, model, training settings, seed) in a small LRU kept with the
-loaded model (freed with it), so sweeping eta, guidance or the sampler re-renders without training.
+Stages 1-2 are cached per (image, prompt, model, training settings, training seed) in a small LRU kept
+with the loaded model (freed with it), so sweeping eta, guidance, the sampler or the seed (a random one
+too: the training seed is apart from it) re-renders without training.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field
 
 from studio.images import image_sha256
-from studio.requests import BaseRequest, ImageInput, StudioInputError, image_field
+from studio.requests import MAX_SEED, BaseRequest, ImageInput, StudioInputError, image_field
 from studio.tasks import Task
 
 from .toolbox import check_min_side, check_task, flatten, working_size
@@ -48,13 +49,16 @@ class ImagicRequest(BaseRequest):
     )
     use_lora: bool = Field(False, description="Fine-tune a LoRA instead of the full UNet (faster, smaller).")
     lora_rank: int = Field(4, ge=1, le=256, description="LoRA rank when use_lora is set.")
+    training_seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="Seed of stages 1-2, apart from the sampling seed: a new seed re-samples the same fine-tune."
+    )
 
 CACHE_SIZE = 2  # trained states kept per loaded model
 FULL_FINETUNE_LR = 2e-6  # the community script's, for SD-sized UNets (860M parameters and up)
 SMALL_UNET_FINETUNE_LR = 1e-4  # a UNet under SMALL_UNET_PARAMETERS barely moves at 2e-6 in 1000 steps
 SMALL_UNET_PARAMETERS = 100_000_000  # (the embedded model's has 4M)
 LORA_FINETUNE_LR = 1e-4
-REUSED_NOTE = "reused the fine-tune of an earlier run (same image, prompt, training settings and seed): no training"
+REUSED_NOTE = "reused the fine-tune of an earlier run (same image, prompt and training settings): no training"
 
 
 def check_inputs(request: ImagicRequest, context: TaskContext) -> None:
@@ -92,7 +96,7 @@ def planned_stages(request: ImagicRequest) -> list[tuple[str, int]]:
 
 @dataclass
 class TrainedState:
-    """What stages 1-2 produce for one (image, prompt, model, settings, seed)."""
+    """What stages 1-2 produce for one (image, prompt, model, training settings and seed)."""
 
     optimised: dict  # the optimised embedding(s): prompt_embeds (+ pooled_prompt_embeds for SDXL), float32
     unet: object | None  # the fine-tuned UNet, or None when finetune_steps is 0 (the shared UNet is used)
@@ -129,7 +133,7 @@ def imagic_cache(loaded) -> ImagicCache:
     return loaded.task_state.setdefault("imagic", ImagicCache())
 
 
-def cache_key(request: ImagicRequest, loaded, image, size, seed: int) -> tuple:
+def cache_key(request: ImagicRequest, loaded, image, size) -> tuple:
     lora = (True, request.lora_rank) if request.use_lora and request.finetune_steps else (False, 0)
     return (
         image_sha256(image),
@@ -143,7 +147,7 @@ def cache_key(request: ImagicRequest, loaded, image, size, seed: int) -> tuple:
         request.finetune_steps,
         finetune_lr(request, loaded.pipe.unet) if request.finetune_steps else 0.0,
         lora,
-        seed,
+        request.training_seed,
     )
 
 
@@ -187,8 +191,8 @@ def finetune(loaded, trainer: Trainer, optimised: dict, request: ImagicRequest, 
     return unet
 
 
-def train(loaded, request: ImagicRequest, image, target: dict, seed: int, progress) -> TrainedState:
-    """Stages 1 and 2, seeded."""
+def train(loaded, request: ImagicRequest, image, target: dict, progress) -> TrainedState:
+    """Stages 1 and 2, seeded by the request's training_seed."""
     import torch
     from diffusers import DDPMScheduler
 
@@ -196,7 +200,7 @@ def train(loaded, request: ImagicRequest, image, target: dict, seed: int, progre
     from .finetune import Trainer, sdxl_time_ids
 
     pipe = loaded.pipe
-    generator = torch.Generator("cpu").manual_seed(seed)
+    generator = torch.Generator("cpu").manual_seed(request.training_seed)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     added = {"time_ids": sdxl_time_ids(pipe, *image.size)} if "pooled_prompt_embeds" in target else None
     trainer = Trainer(encode_image(pipe, image).cpu(), noise_scheduler, generator, added)
@@ -236,11 +240,11 @@ def run(request: ImagicRequest, context: TaskContext, seeds: list[int], plan=Non
 
     # 2. stages 1-2: the optimised embedding and fine-tuned UNet, from the cache or trained now
     cache = imagic_cache(loaded)
-    key = cache_key(request, loaded, image, (width, height), seeds[0])
+    key = cache_key(request, loaded, image, (width, height))
     state = cache.get(key)
     if state is None:
         context.progress.raise_if_cancelled()
-        state = train(loaded, request, image, target, seeds[0], context.progress)
+        state = train(loaded, request, image, target, context.progress)
         cache.trained += 1
         cache.put(key, state)
     else:

@@ -24,7 +24,7 @@ from .requests import MAX_SEED, BaseRequest, StudioInputError, image_field_names
 
 STUDIO_KEY = "studio"
 PARAMETERS_KEY = "parameters"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: an Imagic request names its training_seed (format 1 trained from its first seed)
 
 
 @dataclass
@@ -211,7 +211,7 @@ def _record_from_payload(payload, path: Path, tasks=None) -> ImageRecord:
     if "request" not in payload:
         raise StudioInputError(f"{where} has no request")
     try:
-        request = (tasks.parse_request if tasks else parse_request)(payload["request"])
+        request = (tasks.parse_request if tasks else parse_request)(_in_this_format(payload))
     except StudioInputError as error:
         raise StudioInputError(f"{where}: {error}") from None
     model = _typed(payload, "model", dict, {}, where)
@@ -225,6 +225,17 @@ def _record_from_payload(payload, path: Path, tasks=None) -> ImageRecord:
         sampler=_typed(payload, "sampler", str, "", where),
         environment=_typed(payload, "environment", dict, {}, where),
     )
+
+
+def _in_this_format(payload: dict):
+    """The request of a record written in an earlier format, as this format says it (so that it replays)."""
+    request = payload["request"]
+    if payload.get("format", 1) < 2 and isinstance(request, dict) and request.get("task") == "imagic":
+        seed = request.get("seed")
+        first = seed[0] if isinstance(seed, list) and seed else seed
+        if isinstance(first, int):  # Imagic's training was seeded by the request's first seed
+            request = {"training_seed": first, **request}
+    return request
 
 
 _KINDS = {dict: "a JSON object", str: "a string", int: "a whole number"}

@@ -11,6 +11,7 @@ from studio_pipelines.finetune import LoRALinear
 from studio_pipelines.imagic import (
     FULL_FINETUNE_LR,
     LORA_FINETUNE_LR,
+    REUSED_NOTE,
     SMALL_UNET_FINETUNE_LR,
     ImagicRequest,
     finetune_lr,
@@ -73,12 +74,12 @@ def test_stages_reproducibility_and_the_cached_model_untouched(fresh_studio, ima
     assert unet_fingerprint(loaded.pipe.unet) == before
     assert first.images[0].size == (64, 64)
 
-    imagic_cache(loaded).clear()  # train again from scratch: same seed, same pixels
+    imagic_cache(loaded).clear()  # train again from scratch: same seeds, same pixels
     again = fresh_studio.imagic("a blue circle", image_path, seed=3, **FAST)
     assert np.array_equal(pixels(first.images[0]), pixels(again.images[0]))
     imagic_cache(loaded).clear()
-    other = fresh_studio.imagic("a blue circle", image_path, seed=4, **FAST)
-    assert np.abs(pixels(first.images[0]) - pixels(other.images[0])).mean() > 0.5
+    other = fresh_studio.imagic("a blue circle", image_path, seed=3, training_seed=4, **FAST)
+    assert np.abs(pixels(first.images[0]) - pixels(other.images[0])).mean() > 0.5  # the training seed counts
     assert unet_fingerprint(loaded.pipe.unet) == before
 
 
@@ -101,9 +102,16 @@ def test_a_second_eta_reuses_the_training(fresh_studio, image_path):
     assert cached_seconds < trained_seconds / 3, (cached_seconds, trained_seconds)
     assert np.abs(pixels(first.images[0]) - pixels(second.images[0])).mean() > 0.5  # eta did change the image
 
-    # The cache is keyed on everything training depends on: another seed or step count trains again.
-    fresh_studio.imagic("a red square", image_path, **{**settings, "seed": 12, "num_inference_steps": 1})
+    # Another sampling seed (a random one too, as the UI's default -1) samples the same fine-tune again ...
+    for seed in (12, None):
+        reseeded = fresh_studio.imagic("a red square", image_path, eta=0.7, **{**settings, "seed": seed})
+        assert cache.trained == trained and REUSED_NOTE in reseeded.notes
+    assert np.abs(pixels(first.images[0]) - pixels(reseeded.images[0])).mean() > 0.5  # other noise
+    # ... and the cache is keyed on everything training depends on: another training seed or step count trains.
+    fresh_studio.imagic("a red square", image_path, **{**settings, "training_seed": 1, "num_inference_steps": 1})
     assert cache.trained == trained + 1
+    fresh_studio.imagic("a red square", image_path, **{**settings, "embedding_steps": 14})
+    assert cache.trained == trained + 2
     assert len(cache.entries) <= 2
 
 
@@ -191,6 +199,29 @@ def test_replay_re_renders_and_refuses_a_different_input(fresh_studio, image_pat
     noise_image(9).save(other)
     with pytest.raises(StudioInputError, match="input image .*other.png.* differs"):
         fresh_studio.replay(png, inputs={"image": str(other)})
+
+
+def test_a_record_of_format_1_keeps_its_training_seeded_by_its_seed(fresh_studio, image_path, tmp_path):
+    """Format 1 had no training_seed: Imagic trained from the request's first seed, so such a PNG's request
+    says so when read (and replays as it was made); a PNG of this format keeps the seed it names."""
+    import json
+
+    from PIL import Image, PngImagePlugin
+
+    from studio.metadata import read_record
+
+    result = fresh_studio.imagic("a blue circle", image_path, seed=[8, 9], training_seed=2, use_lora=True, **FAST)
+    [png, _] = result.save(tmp_path / "edited-{index}.png")
+    assert read_record(png).request.training_seed == 2
+    payload = json.loads(Image.open(png).info["studio"])
+    assert payload["format"] == 2
+    del payload["request"]["training_seed"]
+    for version, expected in ((1, 8), (2, 0)):  # format 2 without the field: the schema's default
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("studio", json.dumps({**payload, "format": version}))
+        old = tmp_path / f"format-{version}.png"
+        Image.open(png).save(old, pnginfo=info)
+        assert read_record(old).request.training_seed == expected
 
 
 # -- the embedded model: does a red circle turn into a blue one, in place? -----------------------------------

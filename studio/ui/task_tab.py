@@ -345,7 +345,7 @@ def _estimate_text(ui: StudioUI, tab: TaskTab, values: list) -> str:
         seconds, reused = ui.estimate(request), ui.estimate(request, reused=True)
     except (TypeError, ValueError):  # a box being typed in (empty, not a number yet)
         return ""
-    again = "Run again with the same image, prompt, training settings and seed: the fine-tune is reused"
+    again = "Run again with the same image, prompt and training settings (any seed): the fine-tune is reused"
     if seconds is None:
         return f"Time: the estimate comes with the first run (measured on this machine). {again}."
     return f"Time: about {duration_text(seconds)} on this machine, at the last run's speed. {again} (~{duration_text(reused)})."
