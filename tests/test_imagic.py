@@ -269,9 +269,9 @@ def test_embedded_imagic_turns_a_red_circle_blue_in_place_at_its_defaults(tmp_pa
     """The request sets only the prompt, the image and the seed: the model's studio.json supplies the rest
     (300 embedding steps at 2e-3, then a full fine-tune of 75 steps at 1e-4, and eta 1.5: the toy UNet is
     small, so a short fine-tune fits the image, and a longer one fits it too closely to recolour; EditEval's
-    Imagic scores 0.95 on 20 scenes at these defaults). Over seeds 1-8 they recolour the circle in place in
-    all 8, at a median 13.6 s per edit on a quiet 2-core CPU (the schema's SD defaults, 500 + 1000 steps, took
-    107 s); the first three seeds must give at least two."""
+    Imagic scores 0.92 on 50 scenes at these defaults). Seeds 1-8 sample one fine-tune (12.4 s on a quiet
+    2-core CPU, then 0.3 s per seed; the schema's SD defaults, 500 + 1000 steps, took 107 s) and recolour
+    the circle in place in all 8; the first three seeds must give at least two."""
     from studio import Settings, Studio
     from studio.demo import world
 

@@ -29,9 +29,9 @@ PREVIEW_SECONDS = 0.25  # the least time between two live previews of one job
 # A job that finishes within this shows just its result: each preview costs a decode, a PNG and a message,
 # a tenth of a 64x64 image's time, and nobody reads a preview shown for a fraction of a second.
 FIRST_PREVIEW_SECONDS = 0.5
-# Each progress message costs the page a re-render of every component's loading state (about 12 ms of its
-# main thread, on this 2-core machine, beside the render): a job's first moments show just gradio's own timer,
-# its latest progress shown once it has run this long, and then at most every PROGRESS_SECONDS per stage.
+# Each progress message costs the page a re-render of the loading states it keeps (widgets.NO_PROGRESS), on
+# the machine's cores beside the render: a job's first moments show just the page's own timer from the click,
+# its latest progress is said once it has run this long, and then at most every PROGRESS_SECONDS per stage.
 FIRST_PROGRESS_SECONDS = 0.3
 PROGRESS_SECONDS = 0.25  # the least time between two progress messages of one stage (its last step always goes)
 COST_FIELDS = ("width", "height", "use_lora")  # request fields that change what a step costs (rates kept apart)
