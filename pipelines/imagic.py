@@ -50,7 +50,7 @@ class ImagicRequest(BaseRequest):
     use_lora: bool = Field(False, description="Fine-tune a LoRA instead of the full UNet (faster, smaller).")
     lora_rank: int = Field(4, ge=1, le=256, description="LoRA rank when use_lora is set.")
     training_seed: int = Field(
-        0, ge=0, le=MAX_SEED, description="Seed of stages 1-2, apart from the sampling seed: a new seed re-samples the same fine-tune."
+        0, ge=0, le=MAX_SEED, description="Seed of stages 1-2, apart from the sampling seed (another seed reuses the fine-tune)."
     )
 
 CACHE_SIZE = 2  # trained states kept per loaded model

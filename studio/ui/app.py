@@ -80,7 +80,8 @@ def build_app(studio, settings: Settings, *, queue_size: int = server.DEFAULT_QU
             return "", gr.Timer(active=False)
 
         for trigger in (demo.load, model_state_timer.tick):
-            trigger(show_model_state, None, [model_state, model_state_timer], queue=False, api_visibility="private", **NO_PROGRESS)
+            outputs = [model_state, model_state_timer]
+            trigger(show_model_state, None, outputs, queue=False, api_visibility="private", **NO_PROGRESS)
         with gr.Tabs() as tabs:
             for spec in ui.tasks:
                 with gr.Tab(spec.title, id=spec.name):

@@ -43,9 +43,11 @@ def listed_on_open(ui: StudioUI, dropdown: gr.Dropdown, choices) -> gr.Dropdown:
     """`dropdown` lists `choices(settings)` each time it is opened. It starts with its built-in choices only: the
     page is served before torch loads (which telling files apart needs), and the folders may change meanwhile.
     A typed or API value that is not listed is the request's to check (names in the models folders only)."""
-    dropdown.focus(
-        lambda: gr.Dropdown(choices=choices(ui.settings)), None, dropdown, queue=False, api_visibility="private", **NO_PROGRESS
-    )
+
+    def listed():
+        return gr.Dropdown(choices=choices(ui.settings))
+
+    dropdown.focus(listed, None, dropdown, queue=False, api_visibility="private", **NO_PROGRESS)
     return dropdown
 
 
