@@ -211,7 +211,7 @@ def _record_from_payload(payload, path: Path, tasks=None) -> ImageRecord:
     if "request" not in payload:
         raise StudioInputError(f"{where} has no request")
     try:
-        request = (tasks.parse_request if tasks else parse_request)(_in_this_format(payload))
+        request = (tasks.parse_request if tasks else parse_request)(_in_this_format(payload, where))
     except StudioInputError as error:
         raise StudioInputError(f"{where}: {error}") from None
     model = _typed(payload, "model", dict, {}, where)
@@ -227,10 +227,11 @@ def _record_from_payload(payload, path: Path, tasks=None) -> ImageRecord:
     )
 
 
-def _in_this_format(payload: dict):
+def _in_this_format(payload: dict, where: str):
     """The request of a record written in an earlier format, as this format says it (so that it replays)."""
     request = payload["request"]
-    if payload.get("format", 1) < 2 and isinstance(request, dict) and request.get("task") == "imagic":
+    written_in = _whole_number(payload, "format", 1, 2**31, where)
+    if written_in < 2 and isinstance(request, dict) and request.get("task") == "imagic":
         seed = request.get("seed")
         first = seed[0] if isinstance(seed, list) and seed else seed
         if isinstance(first, int):  # Imagic's training was seeded by the request's first seed

@@ -572,6 +572,7 @@ def test_progress_waits_until_a_job_has_run_a_moment_then_says_the_latest(studio
     first_time, (first_step, total) = said[0]
     assert first_time >= 0.3 and total == 40 and first_step > 1, said  # the latest step then, not the first
     assert said[-1][1] == (40, 40)
+    assert [step for _, (step, _) in said] == sorted(step for _, (step, _) in said)  # never an older one
     assert len(said) <= 2 + 1.0 / PROGRESS_SECONDS, said  # not one per step
 
 

@@ -175,6 +175,8 @@ FORGED_PAYLOADS = {
     "seed is a float": {"request": REQUEST, "seed": 1.5},
     "seed is a bool": {"request": REQUEST, "seed": True},
     "seed is negative": {"request": REQUEST, "seed": -1},
+    "format is null": {"request": REQUEST, "format": None},
+    "format is a string": {"request": REQUEST, "format": "1"},
     "image_index past the batch": {"request": {**REQUEST, "seed": [1, 2]}, "image_index": 2},
     "input_hashes is a list": {"request": REQUEST, "input_hashes": ["image"]},
     "input_hashes names a field the task lacks": {"request": REQUEST, "input_hashes": {"image": "0" * 64}},

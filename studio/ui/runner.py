@@ -31,7 +31,7 @@ PREVIEW_SECONDS = 0.25  # the least time between two live previews of one job
 FIRST_PREVIEW_SECONDS = 0.5
 # Each progress message costs the page a re-render of the loading states it keeps (widgets.NO_PROGRESS), on
 # the machine's cores beside the render: a job's first moments show just the page's own timer from the click,
-# its latest progress is said once it has run this long, and then at most every PROGRESS_SECONDS per stage.
+# its latest progress is said once it has run this long, and then about every PROGRESS_SECONDS per stage.
 FIRST_PROGRESS_SECONDS = 0.3
 PROGRESS_SECONDS = 0.25  # the least time between two progress messages of one stage (its last step always goes)
 COST_FIELDS = ("width", "height", "use_lora")  # request fields that change what a step costs (rates kept apart)
@@ -258,6 +258,7 @@ class StudioUI:
                 elif time.monotonic() < show_progress_from:
                     held = value, desc
                 else:
+                    held = None  # older than this one
                     progress(value, desc=desc, unit="steps")
         finally:
             if worker.is_alive():
