@@ -234,6 +234,15 @@ def _cached_sha256(known: dict, path: Path) -> str:
     return sha256
 
 
+def cached_sha256(path: Path, cache: Path | None) -> str | None:
+    """A file's SHA-256 as the hash cache holds it; None when it was never hashed or has changed since (the
+    file itself is never read here)."""
+    known = _read_hash_cache(cache).get(str(path.resolve()))
+    stat = path.stat()
+    fresh = isinstance(known, dict) and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns
+    return known["sha256"] if fresh else None
+
+
 def _read_hash_cache(cache: Path | None) -> dict:
     if cache is None:
         return {}
@@ -596,12 +605,7 @@ def _listed_hash(entry: dict, cache: Path | None, compute: bool) -> str:
         location = weights_file(location) or location
     ref = ModelRef("single_file" if location.is_file() else "folder", str(location), entry["name"])
     if not compute:
-        if ref.kind != "single_file":
-            return ""
-        known = _read_hash_cache(cache).get(str(location.resolve()))
-        stat = location.stat()
-        fresh = isinstance(known, dict) and known.get("size") == stat.st_size and known.get("mtime_ns") == stat.st_mtime_ns
-        return known["sha256"][:10] if fresh else ""
+        return (cached_sha256(location, cache) or "")[:10] if ref.kind == "single_file" else ""
     try:
         return weights_hash(ref, cache)
     except (OSError, StudioInputError):

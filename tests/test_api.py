@@ -28,6 +28,7 @@ from studio.progress import GenerationCancelled
 from studio.requests import StudioInputError
 from studio.server import api_body_limit, check_api_exposure, parse_origins
 from studio.settings import EMBEDDED_MODEL_DIR
+from studio.ui.runner import StudioUI
 
 HOSTS = ("localhost", "testserver")
 FAST = {"steps": 2, "width": 64, "height": 64}
@@ -45,8 +46,6 @@ def decode(text: str) -> Image.Image:
 
 
 def make_ui(studio, tmp_path):
-    from studio.ui.runner import StudioUI
-
     return StudioUI(studio, studio.settings.with_(outputs_dir=tmp_path / "out"))
 
 
@@ -231,6 +230,32 @@ def test_lists_and_options(api, studio):
     assert api.get("/sdapi/v1/schedulers").status_code == 200
     progress = api.get("/sdapi/v1/progress").json()
     assert progress["progress"] == 0 and progress["current_image"] is None
+
+
+def test_sd_models_shows_a_checkpoints_hash_once_it_is_known(studio, tmp_path):
+    """A1111 shows a checkpoint's hash once it has hashed it (on loading); listing never reads the weights."""
+    import hashlib
+
+    from test_models import a1111_models_folder
+
+    from studio.models import ModelRef, weights_hash
+
+    root = tmp_path / "models"
+    a1111_models_folder(root)
+    checkpoint = root / "Stable-diffusion" / "sd15.safetensors"
+    settings = studio.settings.with_(models_dirs=(root,), hash_cache=tmp_path / "hashes.json", outputs_dir=tmp_path / "out")
+    api = make_client(StudioUI(studio, settings))
+
+    def listed():
+        return {model["model_name"]: model for model in api.get("/sdapi/v1/sd-models").json()}
+
+    assert listed()["sd15"]["hash"] is None and listed()["sd15"]["sha256"] is None  # not hashed yet
+    weights_hash(ModelRef("single_file", str(checkpoint), "sd15"), settings.hash_cache)  # as loading it does
+    sha256 = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert listed()["sd15"]["sha256"] == sha256 and listed()["sd15"]["hash"] == sha256[:10]
+    assert listed()["sd2-folder"]["hash"] is None  # a diffusers folder has no one file's hash
+    checkpoint.write_bytes(checkpoint.read_bytes() + b" ")  # changed since: not the hash it had
+    assert listed()["sd15"]["hash"] is None
 
 
 def test_sampler_names_map_onto_the_studios():

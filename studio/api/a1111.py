@@ -615,11 +615,23 @@ def build_a1111_app(ui, gate, dependencies=()) -> FastAPI:
 
     @app.get("/sd-models", summary="the models this server lists")
     async def sd_models():
+        def known_sha256(reference: str) -> str | None:
+            """A checkpoint file's hash once the studio has computed it (loading it does), as A1111 shows it."""
+            from studio.models import cached_sha256
+
+            path = Path(reference)
+            try:
+                return cached_sha256(path, ui.settings.hash_cache) if path.is_file() else None
+            except OSError:
+                return None
+
         def work():
-            return [
-                {"title": name, "model_name": name, "hash": None, "sha256": None, "filename": name, "config": None}
-                for name in listed_models(ui)
-            ]
+            listed = []
+            for name, reference in listed_models(ui).items():
+                sha256 = known_sha256(reference)
+                listed.append({"title": name, "model_name": name, "hash": sha256 and sha256[:10], "sha256": sha256,
+                               "filename": name, "config": None})
+            return listed
 
         return await run_in_threadpool(work)
 
