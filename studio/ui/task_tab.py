@@ -39,7 +39,8 @@ DEFAULT_SCHEDULER = "model default"
 # Brush colours: the toy world's palette (the embedded model knows these) plus black, white and grey.
 SKETCH_COLORS = ["#000000", "#ffffff", "#808080", "#dc1e1e", "#fa8700", "#f0dc00", "#1ea53c", "#285ae1", "#912dc8"]
 MASK_COLOR = ("#ff00ff", 0.6)
-UNRECOMMENDED = ("prompt", "negative_prompt", "seed", "training_seed")  # what the user always types; a model never sets them
+# The user's own choices (what to draw, which noise): a model's recommended settings never set them.
+UNRECOMMENDED = ("prompt", "negative_prompt", "seed", "training_seed")
 
 
 class TaskTab:
